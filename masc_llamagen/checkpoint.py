@@ -1,0 +1,147 @@
+"""One reader for every weights format a user may hand us, and strict loading into our models.
+
+Formats accepted, detected from the file itself (never from flags):
+  * upstream LlamaGen DDP checkpoints ``{"model": state_dict, ...}`` (``c2i_B_256.pt``, ``vq_ds16_c2i.pt``);
+  * bare state dicts (LlamaGen's FSDP-consolidated ``c2i_XXL_384.pt``, ``c2i_3B_384.pt``);
+  * safetensors files (optionally carrying this project's metadata);
+  * this project's own checkpoints, which carry ``model_config`` (and ``ema``) so no flag is needed to rebuild.
+
+Everything goes through ``torch.load(weights_only=True)``: a file that needs arbitrary unpickling is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be used as asked; the message says why and what to do."""
+
+
+def _is_safetensors(path: Path) -> bool:
+    return path.suffix == ".safetensors"
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Return the raw content of a weights file as a dict, refusing anything that is not plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (check the path, or download the weights first)")
+    if _is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); is it truncated?") from None
+        out: dict[str, Any] = {"model": tensors}
+        if "model_config" in meta:
+            out["model_config"] = json.loads(meta["model_config"])
+        if "model_kind" in meta:
+            out["model_kind"] = meta["model_kind"]
+        return out
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
+        raise CheckpointError(
+            f"{path}: refused to unpickle arbitrary Python objects ({first[:200]}); "
+            "only plain tensors/dicts are loaded (weights_only=True). Re-save the state dict alone."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint ({msg[:200]}); the file is truncated or corrupt") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return dict(obj)
+
+
+def extract_state_dict(ckpt: Mapping[str, Any], prefer_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Pick the model weights out of any supported layout (``ema`` first when asked and present)."""
+    if prefer_ema and isinstance(ckpt.get("ema"), Mapping):
+        sd = ckpt["ema"]
+    elif isinstance(ckpt.get("model"), Mapping):
+        sd = ckpt["model"]
+    else:
+        sd = ckpt  # bare state dict (FSDP-consolidated upstream files)
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    # Tolerate the two wrappers a training framework adds; nothing else is renamed.
+    for prefix in ("module.", "_orig_mod."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def read_state_dict(path: str | os.PathLike, prefer_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state_dict, model_config or None) from any supported file."""
+    ckpt = read_checkpoint(path)
+    sd = extract_state_dict(ckpt, prefer_ema=prefer_ema)
+    if not sd:
+        raise CheckpointError(f"{path}: no tensors found; is this a model checkpoint?")
+    cfg = ckpt.get("model_config")
+    return sd, (dict(cfg) if isinstance(cfg, Mapping) else None)
+
+
+def describe_mismatch(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Human-readable differences between a model's state dict and a loaded one (empty if they match)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(sd)
+        if tuple(own[k].shape) != tuple(sd[k].shape)
+    )
+
+    def clip(xs: list[str]) -> str:
+        return ", ".join(xs[:8]) + (f", ... (+{len(xs) - 8} more)" if len(xs) > 8 else "")
+
+    out = []
+    if missing:
+        out.append(f"missing keys [{clip(missing)}]")
+    if unexpected:
+        out.append(f"unexpected keys [{clip(unexpected)}]")
+    if shapes:
+        out.append(f"shape differences [{clip(shapes)}]")
+    return out
+
+
+def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str, expected: str) -> None:
+    """Load ``sd`` into ``model`` strictly, or raise one CheckpointError naming every difference."""
+    problems = describe_mismatch(model, sd)
+    if problems:
+        raise CheckpointError(
+            f"{source} does not match the expected config {expected}: " + "; ".join(problems)
+            + ". Pass the config the weights were trained with (e.g. the right model name or vocab size)."
+        )
+    own = model.state_dict()
+    cast = {k: v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v for k, v in sd.items()}
+    model.load_state_dict(cast, strict=True)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return asdict(cfg) if is_dataclass(cfg) else dict(cfg)
+
+
+def save_weights(path: str | os.PathLike, model: torch.nn.Module, model_config: Any, kind: str) -> None:
+    """Write a self-describing safetensors file atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, str(tmp), metadata={"model_config": json.dumps(config_to_dict(model_config)), "model_kind": kind})
+    os.replace(tmp, path)
