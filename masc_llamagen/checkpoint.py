@@ -62,7 +62,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot read checkpoint ({msg[:200]}); the file is truncated or corrupt") from None
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({msg[:200]}); the file is truncated or corrupt"
+        ) from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return dict(obj)
@@ -145,3 +147,81 @@ def save_weights(path: str | os.PathLike, model: torch.nn.Module, model_config: 
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(sd, str(tmp), metadata={"model_config": json.dumps(config_to_dict(model_config)), "model_kind": kind})
     os.replace(tmp, path)
+
+
+def _resolve_config(kind: str, config: Any, saved: dict | None, registry: Mapping[str, Any], factory, path,
+                    overrides: dict):
+    if config is None:
+        if saved is None:
+            names = ", ".join(sorted(registry))
+            raise CheckpointError(
+                f"{path} carries no model config (an upstream LlamaGen file?); pass the {kind} config it was "
+                f"trained with, one of {names} (plus e.g. block_size=576 for 384 px GPTs)"
+            )
+        return factory({**saved, **overrides})
+    if isinstance(config, str):
+        if config not in registry:
+            raise CheckpointError(f"unknown {kind} config {config!r}; choose one of {sorted(registry)}")
+        return factory({**_as_dict(registry[config]), **overrides})
+    return factory({**_as_dict(config), **overrides})
+
+
+def _as_dict(cfg: Any) -> dict:
+    return config_to_dict(cfg) if is_dataclass(cfg) else dict(cfg)
+
+
+def _check_kind(ckpt: Mapping[str, Any], kind: str, path) -> None:
+    found = ckpt.get("model_kind")
+    if found is not None and found != kind:
+        raise CheckpointError(f"{path} holds a {found} model, not a {kind}; pass the matching file")
+
+
+def load_gpt(path: str | os.PathLike, config: Any = None, *, prefer_ema: bool = True, **overrides):
+    """A GPT with the weights of ``path`` (upstream .pt, FSDP bare dict, safetensors, or ours; EMA if present).
+
+    ``config`` is a registry name ("GPT-XL"), a GPTConfig, or None for files that carry their own config.
+    """
+    from masc_llamagen.models.gpt import GPT, GPT_CONFIGS, GPTConfig
+
+    ckpt = read_checkpoint(path)
+    _check_kind(ckpt, "gpt", path)
+    sd = extract_state_dict(ckpt, prefer_ema=prefer_ema)
+    saved = ckpt.get("model_config") if isinstance(ckpt.get("model_config"), Mapping) else None
+    try:
+        cfg = _resolve_config("GPT", config, saved, GPT_CONFIGS, GPTConfig.from_dict, path, overrides)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: invalid GPT config ({e})") from None
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model = model.to_empty(device="cpu")
+    load_strict(model, sd, str(path), _describe(cfg, ("dim", "n_layer", "n_head", "vocab_size", "num_classes")))
+    model.eval()
+    return model
+
+
+def load_vq(path: str | os.PathLike, config: Any = None, **overrides):
+    """A VQModel with the weights of ``path``; ``config`` is a registry name ("VQ-16"), a VQConfig or None."""
+    from masc_llamagen.tokenizer.vq import VQ_CONFIGS, VQConfig, VQModel
+
+    ckpt = read_checkpoint(path)
+    _check_kind(ckpt, "vq", path)
+    sd = extract_state_dict(ckpt, prefer_ema=False)
+    saved = ckpt.get("model_config") if isinstance(ckpt.get("model_config"), Mapping) else None
+    try:
+        cfg = _resolve_config("VQ", config, saved, VQ_CONFIGS, VQConfig.from_dict, path, overrides)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: invalid VQ config ({e})") from None
+    model = VQModel(cfg)
+    load_strict(model, sd, str(path), _describe(
+        cfg, ("codebook_size", "codebook_embed_dim", "z_channels", "ch", "encoder_ch_mult", "decoder_ch_mult")))
+    model.eval()
+    return model
+
+
+def _describe(cfg: Any, keys: tuple[str, ...]) -> str:
+    d = _as_dict(cfg)
+    return "(" + ", ".join(f"{k}={d[k]}" for k in keys if k in d) + ")"

@@ -6,7 +6,7 @@ released checkpoints load with strict checking. Eval-mode codes and decodings re
 against ``vq_tiny``).
 
 The public API is index-oriented, as the GPT and MASC need it: ``encode`` gives a ``(B, h, w)`` LongTensor,
-``decode_code`` turns indices back into images in [-1, 1] (not clamped), ``forward`` is for tokenizer training.
+``decode_code`` turns indices back into images in [-1, 1] (not clamped), ``forward`` trains the tokenizer.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ ENTROPY_TEMPERATURE = 0.01
 
 @dataclass
 class VQConfig:
-    """Architecture of one VQ tokenizer; the first fields follow upstream's ``ModelArgs`` so its configs load."""
+    """One VQ tokenizer; fields up to dropout_p mirror upstream ``ModelArgs`` so its configs load."""
 
     codebook_size: int = 16384
     codebook_embed_dim: int = 8
@@ -51,15 +51,21 @@ class VQConfig:
         self.encoder_ch_mult = tuple(int(m) for m in self.encoder_ch_mult)
         self.decoder_ch_mult = tuple(int(m) for m in self.decoder_ch_mult)
         if not 1 <= self.codebook_size <= 2**24:
-            raise ValueError(f"codebook_size={self.codebook_size} must be in [1, 2**24] (float32 usage buffer)")
+            raise ValueError(
+                f"codebook_size={self.codebook_size} must be in [1, 2**24] (float32 usage buffer)"
+            )
         if self.codebook_embed_dim < 1 or self.z_channels < 1 or self.in_channels < 1:
             raise ValueError("codebook_embed_dim, z_channels and in_channels must all be >= 1")
         if not self.encoder_ch_mult or not self.decoder_ch_mult:
             raise ValueError("encoder_ch_mult and decoder_ch_mult must be non-empty, e.g. (1, 1, 2, 2, 4)")
         if min(self.encoder_ch_mult + self.decoder_ch_mult) < 1:
-            raise ValueError(f"channel multipliers must be >= 1, got {self.encoder_ch_mult} / {self.decoder_ch_mult}")
+            raise ValueError(
+                f"channel multipliers must be >= 1, got {self.encoder_ch_mult} / {self.decoder_ch_mult}"
+            )
         if len(self.encoder_ch_mult) != len(self.decoder_ch_mult):
-            raise ValueError("encoder_ch_mult and decoder_ch_mult need the same length (same down/upsample factor)")
+            raise ValueError(
+                "encoder_ch_mult and decoder_ch_mult need the same length (same down/upsample factor)"
+            )
         if self.ch < 1 or self.ch % NORM_GROUPS:
             raise ValueError(f"ch={self.ch} must be a positive multiple of {NORM_GROUPS} (GroupNorm groups)")
         if self.encoder_num_res_blocks < 1 or self.decoder_num_res_blocks < 1:
@@ -94,7 +100,7 @@ VQ_CONFIGS: dict[str, VQConfig] = {
     "VQ-16": VQConfig(encoder_ch_mult=(1, 1, 2, 2, 4), decoder_ch_mult=(1, 1, 2, 2, 4)),
     "VQ-8": VQConfig(encoder_ch_mult=(1, 2, 2, 4), decoder_ch_mult=(1, 2, 2, 4)),
     # CPU-sized, for 32x32 images (e.g. 28x28 padded to 32): downsample 4 -> 8x8 = 64 tokens.
-    # 1,018,539 parameters.
+    # 897,323 parameters; codebook 1024 x 8.
     "VQ-tiny": VQConfig(
         codebook_size=1024,
         encoder_ch_mult=(1, 2, 2),
@@ -105,7 +111,7 @@ VQ_CONFIGS: dict[str, VQConfig] = {
         decoder_num_res_blocks=1,
     ),
     # Larger CPU/small-GPU model, for 32x32 (-> 8x8) or 64x64 (-> 16x16) images: downsample 4.
-    # 6,158,667 parameters.
+    # 5,035,851 parameters; codebook 4096 x 8.
     "VQ-small": VQConfig(
         codebook_size=4096,
         encoder_ch_mult=(1, 2, 2),
@@ -133,7 +139,7 @@ def build_vq(name_or_config: str | VQConfig | Mapping[str, Any]) -> VQModel:
     return VQModel(get_vq_config(name_or_config))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Building blocks. Attribute names are the state-dict contract; do not rename them.
 
 
@@ -208,7 +214,7 @@ class Upsample(nn.Module):
 class _Level(nn.Module):
     """One resolution level: res blocks, attention after each (lowest resolution only), then a resample."""
 
-    def __init__(self, res: list[ResBlock], attn: bool, resample: nn.Module | None, resample_name: str) -> None:
+    def __init__(self, res: list[ResBlock], attn: bool, resample: nn.Module | None, name: str) -> None:
         super().__init__()
         self.res = nn.ModuleList(res)
         if attn:
@@ -216,8 +222,8 @@ class _Level(nn.Module):
         else:
             self.attn = None
         if resample is not None:
-            setattr(self, resample_name, resample)
-        self._resample_name = resample_name if resample is not None else None
+            setattr(self, name, resample)
+        self._resample_name = name if resample is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.res):
@@ -230,7 +236,8 @@ class _Level(nn.Module):
 
 
 def _mid(channels: int, dropout_p: float) -> nn.ModuleList:
-    return nn.ModuleList([ResBlock(channels, channels, dropout_p), AttnBlock(channels), ResBlock(channels, channels, dropout_p)])
+    res = [ResBlock(channels, channels, dropout_p) for _ in range(2)]
+    return nn.ModuleList([res[0], AttnBlock(channels), res[1]])
 
 
 class Encoder(nn.Module):
@@ -247,7 +254,8 @@ class Encoder(nn.Module):
                 res.append(ResBlock(block_in, block_out, cfg.dropout_p))
                 block_in = block_out
             last = i == len(mults) - 1
-            levels.append(_Level(res, attn=last, resample=None if last else Downsample(block_in), resample_name="downsample"))
+            down = None if last else Downsample(block_in)
+            levels.append(_Level(res, attn=last, resample=down, name="downsample"))
         self.conv_blocks = nn.ModuleList(levels)
         self.mid = _mid(block_in, cfg.dropout_p)
         self.norm_out = _norm(block_in)
@@ -277,7 +285,8 @@ class Decoder(nn.Module):
                 res.append(ResBlock(block_in, block_out, cfg.dropout_p))
                 block_in = block_out
             last = i == len(mults) - 1
-            levels.append(_Level(res, attn=i == 0, resample=None if last else Upsample(block_in), resample_name="upsample"))
+            up = None if last else Upsample(block_in)
+            levels.append(_Level(res, attn=i == 0, resample=up, name="upsample"))
         self.conv_blocks = nn.ModuleList(levels)
         self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, padding=1)
@@ -291,7 +300,7 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Quantiser
 
 
@@ -321,7 +330,7 @@ def entropy_loss(logits: torch.Tensor, temperature: float = ENTROPY_TEMPERATURE)
 class VectorQuantizer(nn.Module):
     """Nearest-code quantiser with a straight-through estimator.
 
-    With ``l2_norm`` both the inputs and the codebook are projected on the unit sphere before the search (cosine
+    With ``l2_norm`` the inputs and the codebook are projected on the unit sphere before the search (cosine
     similarity), which is what keeps usage high with LlamaGen's 16384 x 8 codebook.
     """
 
@@ -346,8 +355,8 @@ class VectorQuantizer(nn.Module):
         if l2_norm:
             with torch.no_grad():
                 self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
-        # Rolling window of the last USAGE_WINDOW assigned codes; -1 marks never-written slots. Stored as float32
-        # because that is the dtype in the released checkpoints.
+        # Rolling window of the last USAGE_WINDOW assigned codes, float32 as in the released checkpoints.
+        # -1 marks never-written slots (upstream starts from zeros, counting code 0 as used before training).
         self.register_buffer("codebook_used", torch.full((USAGE_WINDOW,), -1.0))
 
     def codebook(self) -> torch.Tensor:
@@ -364,8 +373,9 @@ class VectorQuantizer(nn.Module):
 
     def _distances(self, z_flat: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Squared Euclidean distances (N, K), in float32 so bf16 autocast cannot flip assignments."""
-        z_flat, codes = z_flat.float(), codes.float()
-        return z_flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2.0 * (z_flat @ codes.t())
+        with torch.autocast(device_type=z_flat.device.type, enabled=False):
+            z_flat, codes = z_flat.float(), codes.float()
+            return z_flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2.0 * (z_flat @ codes.t())
 
     @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
@@ -379,9 +389,8 @@ class VectorQuantizer(nn.Module):
         if indices.is_floating_point():
             raise TypeError(f"code indices must be integers, got {indices.dtype}")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
-            raise ValueError(
-                f"code indices must be in [0, {self.codebook_size}), got [{int(indices.min())}, {int(indices.max())}]"
-            )
+            lo, hi = int(indices.min()), int(indices.max())
+            raise ValueError(f"code indices must be in [0, {self.codebook_size}), got [{lo}, {hi}]")
         return F.embedding(indices.long(), self.codebook())
 
     @torch.no_grad()
@@ -427,15 +436,17 @@ class VectorQuantizer(nn.Module):
         return zq.permute(0, 3, 1, 2).contiguous(), indices, VQLosses(codebook_loss, commit_loss, ent, usage)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Full model
 
 
 class VQModel(nn.Module):
     """Encoder -> quant_conv -> quantiser -> post_quant_conv -> decoder, with upstream's module names."""
 
-    def __init__(self, config: VQConfig) -> None:
+    def __init__(self, config: VQConfig | Mapping[str, Any] | str) -> None:
         super().__init__()
+        # Accept dicts and registry names too, so configs read back from checkpoints work unconverted.
+        config = config if isinstance(config, VQConfig) else get_vq_config(config)
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
@@ -468,12 +479,16 @@ class VQModel(nn.Module):
         hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         f = self.downsample_factor
         if len(hw) != 2 or any(s < 1 or s % f for s in hw):
-            raise ValueError(f"image size {image_size} must be positive and divisible by the downsample factor {f}")
+            raise ValueError(
+                f"image size {image_size} must be positive and divisible by the downsample factor {f}"
+            )
         return hw[0] // f, hw[1] // f
 
     def _check_images(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected images (B, {self.config.in_channels}, H, W) in [-1, 1], got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected images (B, {self.config.in_channels}, H, W) in [-1, 1], got {tuple(x.shape)}"
+            )
         self.num_tokens_hw(tuple(x.shape[-2:]))
 
     def _latents(self, x: torch.Tensor) -> torch.Tensor:
@@ -481,7 +496,7 @@ class VQModel(nn.Module):
         return self.quant_conv(self.encoder(x))
 
     def encode_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(quantised latents (B, C, h, w), indices (B, h, w)) for images in [-1, 1]; no loss, no usage update."""
+        """(quantised latents (B, C, h, w), indices (B, h, w)) for images in [-1, 1]; no usage update."""
         indices = self.quantize.nearest(self._latents(x))
         return self.quantize.lookup(indices).permute(0, 3, 1, 2).contiguous(), indices
 
@@ -510,7 +525,9 @@ class VQModel(nn.Module):
         elif indices.dim() == 2:
             side = math.isqrt(indices.shape[1])
             if side * side != indices.shape[1]:
-                raise ValueError(f"cannot infer a square grid from {indices.shape[1]} tokens; pass shape=(B, C, h, w)")
+                raise ValueError(
+                    f"cannot infer a square grid from {indices.shape[1]} tokens; pass shape=(B, C, h, w)"
+                )
             indices = indices.reshape(indices.shape[0], side, side)
         elif indices.dim() != 3:
             raise ValueError(f"indices of shape {tuple(indices.shape)} need shape=(B, C, h, w)")
@@ -518,7 +535,7 @@ class VQModel(nn.Module):
         return self.decode(zq.to(self.post_quant_conv.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, VQLosses]:
-        """(reconstruction, quantiser losses) for tokenizer training; updates the usage window in train mode."""
+        """(reconstruction, quantiser losses) for tokenizer training; train mode updates the usage window."""
         zq, _, losses = self.quantize(self._latents(x))
         return self.decode(zq), losses
 
