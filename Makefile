@@ -1,0 +1,41 @@
+# One entry point per job; every target creates the virtualenv first if it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: setup test test-all lint parity bench bench-sampling bench-tree clean
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changes: a no-op in well under a second once done.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+
+parity: setup
+	$(PY) -m masc_llamagen.parity tests/fixtures/llamagen
+
+bench: bench-sampling bench-tree
+
+bench-sampling: setup
+	$(PY) benchmarks/bench_sampling.py
+
+bench-tree: setup
+	$(PY) benchmarks/bench_tree.py
+
+clean:
+	rm -rf .pytest_cache .ruff_cache build *.egg-info
