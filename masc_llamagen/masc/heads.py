@@ -1,0 +1,193 @@
+"""Vocabularies the GPT is trained on: LlamaGen's flat N-way one, or a coarse k-way one from a token->cluster map.
+
+A head is data (a mapping and member probabilities) plus two small functions: ``encode`` turns fine tokens into the
+ids the model sees (inputs and targets), ``decode`` turns sampled ids back into fine tokens for the VQ decoder. The
+GPT itself only ever sees ``vocab_size``.
+
+Comparable measurements across heads (masc-method.md section 7):
+  * ``fine_nll``: the true negative log-likelihood of the fine tokens under model + decoder. For a coarse head
+    ``CE_coarse - log p(y | C(y))``; for the flat head the plain CE.
+  * ``marginal_coarse_nll``: a flat model's distribution summed over a mapping's clusters,
+    ``-log sum_{t in C(y)} p(t)``, to compare a flat model with a coarse head on the coarse task itself.
+
+Member decoders: ``uniform`` (the paper: a random member of the sampled cluster) and ``frequency`` (member
+probability proportional to its count in the training codes plus ``smoothing``; beyond the paper, it avoids emitting
+codes the tokenizer never produces).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LN2 = math.log(2.0)
+DECODERS = ("uniform", "frequency")
+
+
+class HeadError(ValueError):
+    """A head that does not fit the tokenizer or checkpoint in use; the message names both sides."""
+
+
+@dataclass
+class Vocabulary:
+    """Flat when ``mapping`` is None (model ids are tokens), coarse otherwise.
+
+    ``mapping``: (N,) int64 in [0, k), every cluster non-empty. ``member_log_prob``: (N,) float64,
+    ``log p(t | C(t))`` under the decoder (uniform: ``-log |C(t)|``).
+    """
+
+    codebook_size: int
+    mapping: torch.Tensor | None = None
+    member_log_prob: torch.Tensor | None = None
+    name: str = "flat"
+    decoder: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.mapping is None:
+            return
+        m = self.mapping
+        if m.dim() != 1 or m.numel() != self.codebook_size:
+            raise HeadError(f"mapping has shape {tuple(m.shape)} but the tokenizer has {self.codebook_size} codes; "
+                            "build the mapping from this tokenizer's codebook")
+        k = int(m.max()) + 1 if m.numel() else 0
+        if int(m.min()) < 0 or torch.bincount(m, minlength=k).min() == 0:
+            raise HeadError(f"mapping ids must cover 0..{k - 1} with no empty cluster; rebuild the mapping")
+        # CSR member table: members of cluster c are order[start[c]:start[c+1]], ascending token id.
+        self._order = torch.argsort(m * self.codebook_size + torch.arange(self.codebook_size))
+        sizes = torch.bincount(m, minlength=k)
+        self._start = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        lp = self.member_log_prob
+        if lp is None:
+            lp = -torch.log(sizes[m].double())
+        self.member_log_prob = lp.double()
+        # key[j] = cluster + cumulative member probability within the cluster: increasing over the whole table,
+        # so one searchsorted samples every cluster at once.
+        cum = self.member_log_prob.exp()[self._order].cumsum(0)
+        base = torch.cat([torch.zeros(1, dtype=torch.float64), cum[self._start[1:-1] - 1]])
+        within = cum - torch.repeat_interleave(base, sizes)
+        self._key = m[self._order].double() + within
+
+    # -- properties ---------------------------------------------------------------------------------------
+    @property
+    def is_flat(self) -> bool:
+        return self.mapping is None
+
+    @property
+    def k(self) -> int:
+        return self.codebook_size if self.mapping is None else int(self._start.numel() - 1)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's token table and head."""
+        return self.k
+
+    def sizes(self) -> torch.Tensor:
+        if self.is_flat:
+            return torch.ones(self.codebook_size, dtype=torch.long)
+        return self._start[1:] - self._start[:-1]
+
+    def members(self, c: int) -> torch.Tensor:
+        if self.is_flat:
+            return torch.tensor([c])
+        return self._order[self._start[c] : self._start[c + 1]]
+
+    # -- the two functions ----------------------------------------------------------------------------------
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Fine tokens -> model ids (inputs and targets)."""
+        if self.is_flat:
+            return tokens
+        return self.mapping.to(tokens.device)[tokens]
+
+    def decode(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Model ids -> fine tokens; coarse ids draw one member each from the decoder's distribution."""
+        if self.is_flat:
+            return ids
+        flat = ids.reshape(-1).cpu()
+        u = torch.rand(flat.shape, generator=generator, dtype=torch.float64)
+        j = torch.searchsorted(self._key, flat.double() + u, right=True)
+        j = torch.minimum(torch.maximum(j, self._start[flat]), self._start[flat + 1] - 1)
+        return self._order[j].reshape(ids.shape).to(ids.device)
+
+    # -- likelihoods -------------------------------------------------------------------------------------
+    def fine_nll(self, logits: torch.Tensor, fine_targets: torch.Tensor) -> torch.Tensor:
+        """Per-token fine NLL in nats for logits over this head's vocabulary (same leading shape as targets)."""
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), self.encode(fine_targets).reshape(-1),
+                             reduction="none").reshape(fine_targets.shape)
+        if self.is_flat:
+            return ce
+        return ce - self.member_log_prob.to(ce.device)[fine_targets].to(ce.dtype)
+
+    def to_state(self) -> dict:
+        """Plain data for checkpoints (loads with weights_only=True)."""
+        out = {"name": self.name, "decoder": self.decoder, "codebook_size": self.codebook_size, "k": self.k}
+        if not self.is_flat:
+            out["mapping"] = self.mapping.clone()
+            out["member_log_prob"] = self.member_log_prob.clone()
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict) -> Vocabulary:
+        voc = cls(codebook_size=int(state["codebook_size"]), mapping=state.get("mapping"),
+                  member_log_prob=state.get("member_log_prob"), name=state["name"], decoder=state["decoder"])
+        if voc.k != int(state["k"]):
+            raise HeadError(f"head state says k={state['k']} but its mapping has {voc.k} clusters; file is corrupt")
+        return voc
+
+
+def marginal_coarse_nll(flat_logits: torch.Tensor, fine_targets: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
+    """``-log sum_{t in C(y)} p(t)`` per token (nats) for a flat model's logits over N tokens."""
+    logits = flat_logits.double()  # float64: -log of a mass near 1 loses most digits in float32
+    k = int(mapping.max()) + 1
+    m = logits.amax(-1, keepdim=True)
+    mass = torch.zeros(*logits.shape[:-1], k, device=logits.device, dtype=torch.float64).index_add_(
+        -1, mapping.to(logits.device), (logits - m).exp())
+    log_coarse = mass.log() + m - torch.logsumexp(logits, -1, keepdim=True)
+    target = mapping.to(fine_targets.device)[fine_targets]
+    return -log_coarse.gather(-1, target.unsqueeze(-1)).squeeze(-1).to(flat_logits.dtype)
+
+
+def member_log_probs(mapping: np.ndarray | torch.Tensor, decoder: str, counts=None,
+                     smoothing: float = 1.0) -> torch.Tensor:
+    """``log p(t | C(t))`` (N,) float64 for a decoder; ``counts`` (N,) are token counts in the training codes."""
+    m = torch.as_tensor(np.asarray(mapping), dtype=torch.long)
+    if decoder not in DECODERS:
+        raise HeadError(f"unknown member decoder {decoder!r}; choose one of {DECODERS}")
+    k = int(m.max()) + 1
+    if decoder == "uniform":
+        return -torch.log(torch.bincount(m, minlength=k)[m].double())
+    if counts is None:
+        raise HeadError("the frequency decoder needs token counts from the training codes (CodeDataset.code_counts())")
+    c = torch.as_tensor(np.asarray(counts), dtype=torch.float64)
+    if c.shape != m.shape or bool((c < 0).any()):
+        raise HeadError(f"counts have shape {tuple(c.shape)} (need {tuple(m.shape)}, non-negative)")
+    w = c + smoothing
+    total = torch.zeros(k, dtype=torch.float64).index_add_(0, m, w)
+    size = torch.bincount(m, minlength=k).double()
+    # A cluster whose members were never seen and no smoothing: fall back to uniform rather than 0/0.
+    empty = total[m] == 0
+    p = torch.where(empty, 1.0 / size[m], w / total[m].clamp_min(1e-300))
+    return p.log()
+
+
+def build_vocabulary(name: str, codebook_size: int, mapping=None, decoder: str = "uniform", counts=None,
+                     smoothing: float = 1.0) -> Vocabulary:
+    if name == "flat":
+        if mapping is not None:
+            raise HeadError("head=flat takes no mapping")
+        return Vocabulary(codebook_size=codebook_size, name="flat")
+    if mapping is None:
+        raise HeadError(f"head={name} needs a token->cluster mapping")
+    m = torch.as_tensor(np.asarray(mapping), dtype=torch.long)
+    if m.numel() != codebook_size:
+        raise HeadError(f"mapping has {m.numel()} entries but the tokenizer has {codebook_size} codes; "
+                        "build the mapping from this tokenizer's codebook")
+    lp = member_log_probs(m, decoder, counts, smoothing)
+    return Vocabulary(codebook_size=codebook_size, mapping=m, member_log_prob=lp, name=name, decoder=decoder)
+
+
+def bits(nats: torch.Tensor | float) -> torch.Tensor | float:
+    return nats / LN2
