@@ -1,0 +1,100 @@
+"""Self-describing, atomically written training checkpoints with keep-last-N and exact resume.
+
+A checkpoint is one ``torch.save`` file of plain data (loads with ``weights_only=True``): model and EMA weights,
+optimizer and scheduler state, every RNG state, the exact data position (the next optimizer step), the resolved
+config, the model config, the head (mapping included) and the tokenizer fingerprint. It is written to a temporary
+file in the same directory, fsynced and renamed: a kill at any moment leaves the previous checkpoint intact, and
+half-written files are never picked up by resume.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from masc_llamagen.checkpoint import CheckpointError, read_checkpoint
+
+NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"ckpt-{step:08d}.pt"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := NAME.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for _, p in list_checkpoints(ckpt_dir)[:-keep_last]:
+        p.unlink(missing_ok=True)
+
+
+def capture_rng() -> dict:
+    """All RNG states as plain tensors/ints (weights_only-safe)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    out = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_training_checkpoint(path: Path) -> dict:
+    ckpt = read_checkpoint(path)
+    for key in ("model", "optimizer", "step", "rng"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path} is not a masc-llamagen training checkpoint (no '{key}'); "
+                                  "to start from released weights use load_gpt instead")
+    return ckpt

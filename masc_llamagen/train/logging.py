@@ -1,0 +1,98 @@
+"""Console, W&B (offline unless asked) and TensorBoard logging, and the throughput model behind MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate; unknown devices report no MFU rather than a guess.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def flops_per_token(cfg, n_params: int) -> float:
+    """Training FLOPs per token: 6 x (non-embedding params) + attention scores (12 x layers x dim x seq)."""
+    non_embedding = n_params - cfg.vocab_size * cfg.dim - (cfg.num_classes + 1) * cfg.dim
+    return 6 * non_embedding + 12 * cfg.n_layer * cfg.dim * (cfg.block_size + cfg.cls_token_num)
+
+
+class MetricLogger:
+    """One object for every backend; only rank 0 writes. Metrics also go to ``metrics.jsonl`` in the run dir."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, main: bool):
+        self.main, self.kind, self.run = main, cfg.logger.kind, None
+        self.jsonl = open(run_dir / "metrics.jsonl", "a") if main else None  # noqa: SIM115 - closed in close()
+        if not main or self.kind == "none":
+            return
+        if self.kind == "wandb":
+            import wandb
+
+            mode = cfg.logger.mode
+            if mode not in ("offline", "online", "disabled"):
+                raise ValueError(f"logger.mode={mode!r}; use offline, online or disabled")
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode, dir=str(run_dir),
+                                  name=f"{cfg.name}-{run_dir.name}", id=_wandb_id(run_dir), resume="allow",
+                                  tags=list(cfg.logger.tags), config=OmegaConf.to_container(cfg, resolve=True))
+        elif self.kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("logger=tensorboard needs the tensorboard package: pip install tensorboard") from e
+            self.run = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        else:
+            raise ValueError(f"logger.kind={self.kind!r}; use wandb, tensorboard or none")
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.main:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.kind == "wandb":
+            self.run.log(metrics, step=step)
+        elif self.kind == "tensorboard":
+            for k, v in metrics.items():
+                self.run.add_scalar(k, v, step)
+
+    def image(self, key: str, path: Path, step: int) -> None:
+        if not self.main or self.run is None:
+            return
+        if self.kind == "wandb":
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))}, step=step)
+        elif self.kind == "tensorboard":
+            import numpy as np
+            from PIL import Image
+
+            self.run.add_image(key, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+    def warn(self, msg: str) -> None:
+        if self.main:
+            print(f"warning: {msg}", flush=True)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.run is not None:
+            if self.kind == "wandb":
+                self.run.finish()
+            else:
+                self.run.close()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """Stable per run directory, so a resumed run continues the same W&B run."""
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]

@@ -1,0 +1,345 @@
+"""The training loop: built objects in, checkpoints and metrics out (Accelerate for processes and precision).
+
+Exactness contract (tested): the batch at step s depends only on (seed, s); a run interrupted at any step and resumed
+reproduces the uninterrupted run's losses exactly on CPU; 2 processes x b equal 1 process x 2b; grad accumulation
+4 x b equals one batch of 4b.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from masc_llamagen.checkpoint import CheckpointError, load_vq, read_state_dict
+from masc_llamagen.masc.heads import Vocabulary, bits
+from masc_llamagen.masc.vocab import vocabulary_from_config
+from masc_llamagen.models.gpt import GPT, TransformerBlock, gpt_config
+from masc_llamagen.train.batches import EpochIndexed, StepBatches, collate
+from masc_llamagen.train.checkpointing import (
+    atomic_save,
+    capture_rng,
+    checkpoint_path,
+    latest_checkpoint,
+    load_training_checkpoint,
+    prune,
+    restore_rng,
+)
+from masc_llamagen.train.ema import EMA
+from masc_llamagen.train.logging import MetricLogger, flops_per_token, peak_flops
+from masc_llamagen.train.optim import build_optimizer, build_scheduler
+from masc_llamagen.train.run_info import write_run_info
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop (non-finite loss, inconsistent resume); the message says what to do."""
+
+
+def _accelerator(cfg: DictConfig) -> Accelerator:
+    t = cfg.train
+    kwargs = {}
+    if t.distributed == "fsdp":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=[TransformerBlock.__name__], reshard_after_forward=True,
+            state_dict_type="FULL_STATE_DICT")
+    elif t.distributed != "ddp":
+        raise TrainingError(f"train.distributed={t.distributed!r}; use 'ddp' or 'fsdp'")
+    return Accelerator(cpu=t.cpu, mixed_precision=t.mixed_precision, **kwargs)
+
+
+def load_codes(cfg: DictConfig):
+    from masc_llamagen.data.codes import CodeDataset
+
+    return CodeDataset(cfg.data.codes, augment=cfg.data.augment, seed=cfg.train.seed)
+
+
+def tokenizer_codebook(cfg: DictConfig) -> np.ndarray:
+    sd, _ = read_state_dict(cfg.tokenizer.checkpoint)
+    if "quantize.embedding.weight" not in sd:
+        raise CheckpointError(f"{cfg.tokenizer.checkpoint} has no quantize.embedding.weight; is it a VQ tokenizer?")
+    return sd["quantize.embedding.weight"].float().numpy()
+
+
+def build_model(cfg: DictConfig, vocab: Vocabulary, grid: int, num_classes: int) -> GPT:
+    m = cfg.model
+    gcfg = gpt_config(m.arch, vocab_size=vocab.vocab_size, block_size=grid, num_classes=num_classes,
+                      token_dropout_p=m.token_dropout_p, resid_dropout_p=m.resid_dropout_p,
+                      ffn_dropout_p=m.ffn_dropout_p, attn_dropout_p=m.attn_dropout_p,
+                      class_dropout_prob=m.class_dropout_prob, zero_init_head=vocab.is_flat)
+    model = GPT(gcfg)
+    model.cls_embedding.dropout_prob = 0.0  # class dropout is drawn in the data pipeline (see batches.py)
+    return model
+
+
+def _prediction_entropy(logits: torch.Tensor) -> float:
+    """Mean normalised entropy H / log V of the predictive distributions."""
+    logp = torch.log_softmax(logits.float(), -1)
+    h = -(logp.exp() * logp).sum(-1).mean().item()
+    return h / math.log(logits.shape[-1])
+
+
+class _Stop:
+    """SIGTERM/SIGINT (cluster pre-emption, Ctrl-C): finish the step, save, exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run (or resume) training as configured; returns a summary dict (final step, last losses, paths)."""
+    t = cfg.train
+    acc = _accelerator(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    set_seed(t.seed + acc.process_index)
+
+    codes = load_codes(cfg)
+    codebook = tokenizer_codebook(cfg)
+    fp = (codes.meta.get("tokenizer") or {}).get("fingerprint")
+    from masc_llamagen.masc.tree import codebook_sha256
+
+    ours = codebook_sha256(codebook)
+    if fp and fp != ours:
+        raise TrainingError(f"codes in {cfg.data.codes} were extracted with tokenizer {fp[:12]} but "
+                            f"{cfg.tokenizer.checkpoint} is {ours[:12]}; re-extract the codes or use that tokenizer")
+    if codes.codebook_size != codebook.shape[0]:
+        raise TrainingError(f"codes use a {codes.codebook_size}-entry codebook, tokenizer has {codebook.shape[0]}")
+    cache_dir = Path(cfg.paths.artifacts) / "trees"
+    if acc.is_main_process:  # build/cache the tree once, then every rank loads it
+        vocabulary_from_config(cfg.head, codebook, codes.code_counts(), cache_dir)
+    acc.wait_for_everyone()
+    vocab, head_info = vocabulary_from_config(cfg.head, codebook, codes.code_counts(), cache_dir)
+    grid = int(np.prod(codes.grid))
+    model = build_model(cfg, vocab, grid, codes.num_classes)
+    ema = EMA(model, t.ema_decay) if t.ema else None
+
+    per_step = t.global_batch_size // acc.num_processes
+    if t.global_batch_size % (acc.num_processes * t.grad_accum):
+        raise TrainingError(f"train.global_batch_size={t.global_batch_size} must be divisible by processes "
+                            f"({acc.num_processes}) x grad_accum ({t.grad_accum})")
+    o = cfg.optim
+    opt = build_optimizer(model, o.lr, o.betas, o.eps, o.weight_decay)
+    sched = build_scheduler(opt, t.steps, o.schedule, o.warmup_steps, o.lr, o.final_lr)
+
+    start = 0
+    resume_from = latest_checkpoint(ckpt_dir) if t.resume else None
+    rng_state = None
+    if resume_from is not None:
+        ck = load_training_checkpoint(resume_from)
+        saved_head = ck.get("head", {})
+        if saved_head.get("k") != vocab.k or saved_head.get("name") != vocab.name:
+            raise TrainingError(f"{resume_from} was trained with head={saved_head.get('name')} k={saved_head.get('k')} "
+                                f"but the config asks for head={vocab.name} k={vocab.k}; use another run directory")
+        model.load_state_dict(ck["model"], strict=True)
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if ema is not None and "ema" in ck:
+            ema.load_state_dict({k: v for k, v in ck["ema"].items() if k in ema.shadow})
+        start = int(ck["step"])
+        per_rank = ck["rng"]
+        if len(per_rank) == acc.num_processes:
+            rng_state = per_rank[acc.process_index]
+
+    if t.compile:
+        model = torch.compile(model)
+    model, opt = acc.prepare(model, opt)
+    raw = acc.unwrap_model(model)
+    if rng_state is not None:
+        restore_rng(rng_state)
+
+    data = EpochIndexed(codes, t.seed, cfg.model.class_dropout_prob, codes.num_classes)
+    batches = StepBatches(len(codes), t.global_batch_size, acc.process_index, acc.num_processes, t.seed,
+                          start, t.steps)
+    loader = DataLoader(data, batch_sampler=batches, collate_fn=collate, num_workers=cfg.data.num_workers,
+                        pin_memory=acc.device.type == "cuda", persistent_workers=False,
+                        generator=torch.Generator())  # own generator: creating the iterator must not consume the
+    # global RNG, or a resumed run's dropout masks would drift from the uninterrupted run's
+
+    n_params = sum(p.numel() for p in raw.parameters())
+    if acc.is_main_process:
+        write_run_info(run_dir, cfg, {"world_size": acc.num_processes, "n_params": n_params, **head_info,
+                                      "resumed_from": str(resume_from) if resume_from else None})
+    logger = MetricLogger(cfg, run_dir, acc.is_main_process)
+    tokens_per_image = grid
+    fpt = flops_per_token(raw.config, n_params)
+    peak = peak_flops(acc.device) * acc.num_processes if peak_flops(acc.device) else None
+
+    def save(step: int) -> Path:
+        rng_all = _gather_rng(acc)
+        path = checkpoint_path(ckpt_dir, step)
+        if acc.is_main_process:
+            state = {
+                "model": acc.get_state_dict(model),
+                "ema": ema.model_state(raw) if ema is not None else None,
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": rng_all,
+                "step": step,
+                "model_config": asdict(raw.config),
+                "model_kind": "gpt",
+                "head": vocab.to_state(),
+                "head_info": head_info,
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "tokenizer": {"checkpoint": str(cfg.tokenizer.checkpoint), "codebook_sha256": ours},
+            }
+            if state["ema"] is None:
+                del state["ema"]
+            atomic_save(state, path)
+            prune(ckpt_dir, t.keep_last)
+        acc.wait_for_everyone()
+        return path
+
+    history: list[float] = []
+    step = start
+    last_log = time.perf_counter()
+    last_log_step = start
+    micro = per_step // t.grad_accum
+    model.train()
+    progress = _progress(acc.is_main_process, start, t.steps)
+    stopped_early = False
+    with _Stop() as stop:
+        for tokens, labels in loader:
+            tokens, labels = tokens.to(acc.device), labels.to(acc.device)
+            ids = vocab.encode(tokens)
+            loss_sum = torch.zeros((), device=acc.device)
+            last_logits = None
+            for a in range(t.grad_accum):
+                sl = slice(a * micro, (a + 1) * micro)
+                sync = a == t.grad_accum - 1
+                ctx = acc.no_sync(model) if not sync else _nullcontext()
+                with ctx, acc.autocast():
+                    logits, loss = model(ids[sl, :-1], labels[sl], targets=ids[sl])
+                    acc.backward(loss / t.grad_accum)
+                loss_sum += loss.detach() / t.grad_accum
+                last_logits = logits.detach()
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 \
+                else None
+            loss_global = acc.reduce(loss_sum, reduction="mean")
+            if not torch.isfinite(loss_global):
+                prev = latest_checkpoint(ckpt_dir)
+                raise TrainingError(f"loss became {loss_global.item()} at step {step + 1}; stopping. Last good "
+                                    f"checkpoint: {prev or 'none'}. Lower optim.lr or check the data")
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(raw)
+            step += 1
+            history.append(loss_global.item())
+            progress.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                now = time.perf_counter()
+                dt = max(now - last_log, 1e-9)
+                imgs = (step - last_log_step) * t.global_batch_size
+                last_log, last_log_step = now, step
+                with torch.no_grad():
+                    target = tokens[-micro:]
+                    fine = bits(vocab.fine_nll(last_logits, target).mean().item())
+                metrics = {
+                    "train/loss": history[-1],
+                    "train/fine_nll_bits": fine,
+                    "train/lr": sched.get_last_lr()[0],
+                    "train/images_per_s": imgs / dt,
+                    "train/tokens_per_s": imgs * tokens_per_image / dt,
+                    "train/pred_entropy_norm": _prediction_entropy(last_logits),
+                }
+                if not vocab.is_flat:
+                    metrics["train/coarse_ce_bits"] = bits(history[-1])
+                if grad_norm is not None:
+                    metrics["train/grad_norm"] = float(grad_norm)
+                if peak:
+                    metrics["train/mfu"] = imgs * tokens_per_image * fpt / dt / peak
+                logger.log(metrics, step)
+                progress.set_postfix(loss=f"{history[-1]:.4f}")
+            if t.sample_every and step % t.sample_every == 0 and acc.is_main_process:
+                _log_samples(cfg, raw, ema, vocab, logger, step, run_dir)
+            want_stop = stop.requested or (t.stop_after is not None and step - start >= t.stop_after)
+            want_stop = bool(acc.reduce(torch.tensor(float(want_stop), device=acc.device), reduction="sum") > 0)
+            if step % t.ckpt_every == 0 or step == t.steps or want_stop:
+                save(step)
+            if want_stop and step < t.steps:
+                stopped_early = True
+                break
+    progress.close()
+    logger.close()
+    return {"step": step, "losses": history, "run_dir": str(run_dir), "stopped_early": stopped_early,
+            "checkpoint": str(latest_checkpoint(ckpt_dir)) if latest_checkpoint(ckpt_dir) else None,
+            "resumed_from": str(resume_from) if resume_from else None}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _gather_rng(acc: Accelerator) -> list:
+    state = capture_rng()
+    if acc.num_processes == 1:
+        return [state]
+    import torch.distributed as dist
+
+    out: list = [None] * acc.num_processes
+    dist.all_gather_object(out, state)
+    return out
+
+
+def _progress(main: bool, start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not main, desc="train", dynamic_ncols=True)
+
+
+def _log_samples(cfg, raw: GPT, ema: EMA | None, vocab: Vocabulary, logger: MetricLogger, step: int, run_dir: Path):
+    """A decoded grid (one row per class) from the EMA weights, saved and logged."""
+    from masc_llamagen.models.sampling import SamplingConfig, generate
+    from masc_llamagen.train.images import save_grid
+
+    try:
+        vq = load_vq(cfg.tokenizer.checkpoint, cfg.tokenizer.arch)
+    except CheckpointError as e:
+        logger.warn(f"sample grid skipped: {e}")
+        return
+    model = GPT(raw.config)
+    model.load_state_dict(ema.model_state(raw) if ema is not None else raw.state_dict())
+    model.to(raw.output.weight.device)
+    n_cls = min(raw.config.num_classes, 10)
+    labels = torch.arange(n_cls).repeat_interleave(8)
+    g = torch.Generator().manual_seed(step)
+    ids = generate(model, labels, sampling=SamplingConfig(cfg_scale=cfg.train.sample_cfg_scale), generator=g)
+    tokens = vocab.decode(ids.cpu(), generator=g)
+    side = math.isqrt(tokens.shape[1])
+    with torch.no_grad():
+        images = vq.decode_code(tokens.reshape(-1, side, side))
+    path = save_grid(images, run_dir / "samples" / f"step{step:08d}.png", nrow=8)
+    logger.image("samples/grid", path, step)

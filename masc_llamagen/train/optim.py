@@ -1,0 +1,37 @@
+"""AdamW with weight decay on >= 2-D tensors only (LlamaGen), and the LR schedules of both recipes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def build_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay: float) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: int, lr: float, final_lr: float) -> float:
+    """Multiplier of the base LR at ``step`` (0-based optimizer step)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        span = max(1, total - warmup)
+        t = min(1.0, (step - warmup) / span)
+        end = final_lr / lr
+        return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+    raise ValueError(f"unknown LR schedule {schedule!r}; use 'constant' or 'cosine'")
+
+
+def build_scheduler(opt: torch.optim.Optimizer, total: int, schedule: str, warmup: int, lr: float,
+                    final_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
+    lr_factor(0, total, schedule, warmup, lr, final_lr)  # validate the name now, not at step 1
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, schedule, warmup, lr, final_lr))
