@@ -1,0 +1,168 @@
+"""Training loop contracts: exact resume, accumulation, multi-process equivalence, safe checkpoints, clear stops."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_utils import compose_cfg, make_assets
+
+from masc_llamagen.checkpoint import load_gpt
+from masc_llamagen.train import checkpointing
+from masc_llamagen.train.checkpointing import list_checkpoints, load_training_checkpoint
+from masc_llamagen.train.loop import TrainingError, train
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["head=random", "head.k=16", "train.global_batch_size=8", "train.log_every=1", "train.ckpt_every=4"]
+NO_DROPOUT = ["model.token_dropout_p=0", "model.resid_dropout_p=0", "model.ffn_dropout_p=0"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return make_assets(root)
+
+
+def test_resume_after_interruption_reproduces_losses_exactly(tmp_path, assets):
+    """Dropout on, class dropout on: interrupted at step 5 and resumed == uninterrupted, bit for bit."""
+    full = train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=12"], run="full"))
+    part1 = train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=12", "train.stop_after=5"], run="cut"))
+    assert part1["stopped_early"] and part1["step"] == 5
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut" / "checkpoints")] == [4, 5]
+    part2 = train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=12"], run="cut"))
+    assert part2["resumed_from"].endswith("ckpt-00000005.pt")
+    assert part1["losses"] + part2["losses"] == full["losses"]
+    a = load_training_checkpoint(tmp_path / "full" / "checkpoints" / "ckpt-00000012.pt")
+    b = load_training_checkpoint(tmp_path / "cut" / "checkpoints" / "ckpt-00000012.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, assets):
+    """A real kill of the training process: the last good checkpoint survives and resume continues exactly."""
+    args = [f"tokenizer.checkpoint={assets['tokenizer']}", f"data.codes={assets['codes']}", "model=gpt_nano",
+            "train=cpu", "logger=none", *BASE, "train.steps=40", "train.ckpt_every=2",
+            f"paths.root={tmp_path}", f"paths.artifacts={tmp_path / 'artifacts'}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list_checkpoints(run_dir / "checkpoints")) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    found = list_checkpoints(run_dir / "checkpoints")
+    assert found, "no checkpoint was written before the kill"
+    killed_at = found[-1][0]
+    assert killed_at < 40
+    load_training_checkpoint(found[-1][1])  # readable: the kill did not corrupt it
+    resumed = subprocess.run([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    full = train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=40", "train.ckpt_every=2"], run="ref"))
+    got = load_training_checkpoint(run_dir / "checkpoints" / "ckpt-00000040.pt")
+    ref = load_training_checkpoint(tmp_path / "ref" / "checkpoints" / "ckpt-00000040.pt")
+    assert all(torch.equal(got["model"][k], ref["model"][k]) for k in ref["model"])
+    assert full["step"] == 40
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path, assets):
+    common = [*BASE, *NO_DROPOUT, "model.class_dropout_prob=0", "train.steps=3", "train.global_batch_size=16"]
+    one = train(compose_cfg(tmp_path, assets, [*common, "train.grad_accum=1"], run="a1"))
+    four = train(compose_cfg(tmp_path, assets, [*common, "train.grad_accum=4"], run="a4"))
+    torch.testing.assert_close(torch.tensor(four["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+    m1 = load_gpt(tmp_path / "a1" / "checkpoints" / "ckpt-00000003.pt", prefer_ema=False)
+    m4 = load_gpt(tmp_path / "a4" / "checkpoints" / "ckpt-00000003.pt", prefer_ema=False)
+    for (k, v1), v4 in zip(m1.state_dict().items(), m4.state_dict().values(), strict=True):
+        torch.testing.assert_close(v4, v1, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_two_processes_equal_one_process_with_double_batch(tmp_path, assets):
+    """torchrun x 2 (gloo, per-process batch 4) vs 1 process with batch 8: same parameters."""
+    common = [f"tokenizer.checkpoint={assets['tokenizer']}", f"data.codes={assets['codes']}", "model=gpt_nano",
+              "train=cpu", "logger=none", *BASE, *NO_DROPOUT, "train.steps=4",
+              f"paths.root={tmp_path}", f"paths.artifacts={tmp_path / 'artifacts'}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29533", str(REPO / "train.py"), *common, f"hydra.run.dir={tmp_path / 'ddp'}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train(compose_cfg(tmp_path, assets, [*BASE, *NO_DROPOUT, "train.steps=4"], run="single"))
+    a = load_gpt(tmp_path / "ddp" / "checkpoints" / "ckpt-00000004.pt", prefer_ema=False)
+    b = load_gpt(tmp_path / "single" / "checkpoints" / "ckpt-00000004.pt", prefer_ema=False)
+    assert load_training_checkpoint(tmp_path / "ddp" / "checkpoints" / "ckpt-00000004.pt")["config"]["train"][
+        "global_batch_size"] == 8
+    for (k, v1), v2 in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, assets, monkeypatch):
+    train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=4"], run="r"))
+    good = list_checkpoints(tmp_path / "r" / "checkpoints")
+    assert [s for s, _ in good] == [4]
+
+    def broken_save(obj, f):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=8"], run="r"))
+    monkeypatch.undo()
+    names = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert names == ["ckpt-00000004.pt"]  # no temp file left, the good one untouched
+    assert load_training_checkpoint(good[0][1])["step"] == 4
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, assets, monkeypatch):
+    from masc_llamagen.models import gpt as gpt_module
+
+    train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=4"], run="n"))
+    real_forward = gpt_module.GPT.forward
+
+    def nan_forward(self, *a, **kw):
+        logits, loss = real_forward(self, *a, **kw)
+        return logits, loss * float("nan")
+
+    monkeypatch.setattr(gpt_module.GPT, "forward", nan_forward)
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5.*ckpt-00000004\.pt"):
+        train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=8"], run="n"))
+
+
+def test_resume_with_another_k_is_refused(tmp_path, assets):
+    train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=4"], run="k"))
+    with pytest.raises(TrainingError, match="head=random k=16 but the config asks for head=random k=8"):
+        train(compose_cfg(tmp_path, assets, [*BASE, "head.k=8", "train.steps=8"], run="k"))
+
+
+def test_checkpoint_is_self_describing_and_keeps_last_n(tmp_path, assets):
+    train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=12", "train.ckpt_every=2", "train.keep_last=2"],
+                      run="s"))
+    found = list_checkpoints(tmp_path / "s" / "checkpoints")
+    assert [s for s, _ in found] == [10, 12]
+    ck = load_training_checkpoint(found[-1][1])
+    assert ck["head"]["name"] == "random" and ck["head"]["k"] == 16 and ck["head"]["mapping"].shape == (64,)
+    assert ck["model_config"]["vocab_size"] == 16 and ck["tokenizer"]["codebook_sha256"]
+    assert (tmp_path / "s" / "config_resolved.yaml").is_file() and (tmp_path / "s" / "run.json").is_file()
+    model = load_gpt(found[-1][1])  # EMA weights, config from the file: no flags
+    assert model.config.vocab_size == 16
+
+
+def test_codes_from_another_tokenizer_are_refused(tmp_path, assets):
+    other = make_assets(tmp_path / "other", codebook_size=64)
+    torch.manual_seed(1)
+    from masc_llamagen.checkpoint import load_vq, save_weights
+
+    vq = load_vq(other["tokenizer"])
+    with torch.no_grad():
+        vq.quantize.embedding.weight.add_(1.0)
+    save_weights(tmp_path / "changed.safetensors", vq, vq.config, kind="vq")
+    cfg = compose_cfg(tmp_path, assets, [*BASE, "train.steps=2"], run="t")
+    cfg.tokenizer.checkpoint = str(tmp_path / "changed.safetensors")
+    with pytest.raises(TrainingError, match="were extracted with tokenizer"):
+        train(cfg)
