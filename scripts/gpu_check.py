@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from masc_llamagen.models.gpt import GPT, gpt_config
 from masc_llamagen.models.sampling import SamplingConfig, generate
-from masc_llamagen.train.logging import flops_per_token, peak_flops
+from masc_llamagen.train.throughput import flops_per_token, peak_flops
 
 
 def train_step_rate(arch: str, vocab: int, batch: int, steps: int, compile_: bool) -> dict:

@@ -35,9 +35,10 @@ from masc_llamagen.train.checkpointing import (
     restore_rng,
 )
 from masc_llamagen.train.ema import EMA
-from masc_llamagen.train.logging import MetricLogger, flops_per_token, peak_flops
+from masc_llamagen.train.logging import MetricLogger
 from masc_llamagen.train.optim import build_optimizer, build_scheduler
 from masc_llamagen.train.run_info import write_run_info
+from masc_llamagen.train.throughput import flops_per_token, peak_flops
 
 
 class TrainingError(RuntimeError):
