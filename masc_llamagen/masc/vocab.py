@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from masc_llamagen.masc.heads import HeadError, Vocabulary, build_vocabulary
-from masc_llamagen.masc.mappings import LINKAGES, MAPPING_METHODS, build_mapping
-from masc_llamagen.masc.tree import build_tree, check_k, codebook_sha256, load_tree, save_tree
+from masc_llamagen.masc.mappings import LINKAGES, MAPPING_METHODS, build_mapping, validate_mapping
+from masc_llamagen.masc.tree import build_tree, check_k, codebook_sha256, load_tree, save_mapping, save_tree
 
 HEADS = ("flat", *MAPPING_METHODS)
 
@@ -38,6 +38,17 @@ def tree_for(codebook: np.ndarray, method: str, normalize: bool, tree_path: str 
     return tree
 
 
+def mapping_for(codebook: np.ndarray, method: str, k: int, seed: int, normalize: bool, cache_dir: Path) -> np.ndarray:
+    """Baseline mappings (k-means takes minutes at N = 16384) are computed once per codebook and cached."""
+    sha = codebook_sha256(np.asarray(codebook, dtype=np.float32))[:16]
+    path = Path(cache_dir) / f"mapping-{method}-k{k}-seed{seed}-{'l2' if normalize else 'raw'}-{sha}.npy"
+    if path.is_file():
+        return validate_mapping(np.load(path, allow_pickle=False), int(codebook.shape[0]), k, source=str(path))
+    mapping = build_mapping(method, codebook, k, seed=seed, normalize=normalize)
+    save_mapping(path, mapping)
+    return mapping
+
+
 def vocabulary_from_config(head: Any, codebook: np.ndarray, counts: np.ndarray | None,
                            cache_dir: Path) -> tuple[Vocabulary, dict]:
     """(Vocabulary, provenance dict) for a head config (name, k, decoder, smoothing, normalize, seed, tree)."""
@@ -55,7 +66,7 @@ def vocabulary_from_config(head: Any, codebook: np.ndarray, counts: np.ndarray |
         mapping = tree.mapping(k)
         info.update(tree_method=method, tree_normalized=tree.normalized)
     else:
-        mapping = build_mapping(name, codebook, k, seed=head.seed, normalize=head.normalize)
+        mapping = mapping_for(codebook, name, k, head.seed, head.normalize, cache_dir)
         info.update(seed=head.seed, normalized=head.normalize)
     voc = build_vocabulary(name, n, mapping, decoder=head.decoder, counts=counts, smoothing=head.smoothing)
     info.update(k=k, decoder=head.decoder)

@@ -134,10 +134,11 @@ def train(cfg: DictConfig) -> dict:
     if codes.codebook_size != codebook.shape[0]:
         raise TrainingError(f"codes use a {codes.codebook_size}-entry codebook, tokenizer has {codebook.shape[0]}")
     cache_dir = Path(cfg.paths.artifacts) / "trees"
+    counts = codes.code_counts()
     if acc.is_main_process:  # build/cache the tree once, then every rank loads it
-        vocabulary_from_config(cfg.head, codebook, codes.code_counts(), cache_dir)
+        vocabulary_from_config(cfg.head, codebook, counts, cache_dir)
     acc.wait_for_everyone()
-    vocab, head_info = vocabulary_from_config(cfg.head, codebook, codes.code_counts(), cache_dir)
+    vocab, head_info = vocabulary_from_config(cfg.head, codebook, counts, cache_dir)
     grid = int(np.prod(codes.grid))
     model = build_model(cfg, vocab, grid, codes.num_classes)
     ema = EMA(model, t.ema_decay) if t.ema else None
@@ -206,7 +207,7 @@ def train(cfg: DictConfig) -> dict:
                 "step": step,
                 "model_config": asdict(raw.config),
                 "model_kind": "gpt",
-                "head": vocab.to_state(),
+                "head": {**vocab.to_state(), "token_counts": torch.from_numpy(counts)},
                 "head_info": head_info,
                 "config": OmegaConf.to_container(cfg, resolve=True),
                 "tokenizer": {"checkpoint": str(cfg.tokenizer.checkpoint), "codebook_sha256": ours},
