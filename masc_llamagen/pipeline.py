@@ -1,0 +1,259 @@
+"""The default job end to end: dataset -> tokenizer -> codes -> tree -> GPT -> samples -> FID -> report.
+
+    python -m masc_llamagen.pipeline [--stages tokenizer,codes,...] [--force STAGE] [train overrides ...]
+    make train                                      # the same, CPU-sized default (experiment=cpu_default)
+
+Every stage is also its own command (``python -m masc_llamagen.tokenizer.train``, ``python -m masc_llamagen.tree``,
+``python train.py``, ``python -m masc_llamagen.sample``, ``scripts/eval.sh``) and is skipped here when its output is
+already there and was made from the same inputs (a ``.stage.json`` stamp next to each output records them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from masc_llamagen.config import register
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STAGES = ("tokenizer", "codes", "tree", "train", "sample", "eval", "report")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_id(path: Path) -> str:
+    st = Path(path).stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+class Stamp:
+    """``<output>.stage.json``: the inputs an output was made from; a stage is skipped when they are unchanged."""
+
+    def __init__(self, output: Path, inputs: dict):
+        self.path = Path(str(output).rstrip("/") + ".stage.json")
+        self.output, self.key = Path(output), _hash(inputs)
+
+    def fresh(self) -> bool:
+        if not (self.output.exists() and self.path.is_file()):
+            return False
+        return json.loads(self.path.read_text()).get("key") == self.key
+
+    def write(self, summary: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"key": self.key, **summary}, indent=2, default=str))
+
+    def summary(self) -> dict:
+        return json.loads(self.path.read_text())
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    register()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+        cfg = compose("train", overrides=["experiment=cpu_default", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path(cfg.paths.runs) / cfg.name / _hash(sorted(overrides))[:8])
+    return cfg
+
+
+def _log(stage: str, msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {stage}: {msg}", flush=True)
+
+
+def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_reference: int = 1000,
+        vq_overrides: list[str] = ()) -> dict:
+    cfg = compose_train(overrides)
+    artifacts, run_dir = Path(cfg.paths.artifacts), Path(cfg.paths.output_dir)
+    results: dict = {"timings_s": {}}
+    t_all = time.perf_counter()
+
+    def timed(stage, fn):
+        if stage not in stages:
+            return None
+        t0 = time.perf_counter()
+        out = fn(stage in force)
+        results["timings_s"][stage] = round(time.perf_counter() - t0, 1)
+        return out
+
+    # 1. tokenizer -------------------------------------------------------------------------------------------
+    def tokenizer(force_it):
+        from masc_llamagen.tokenizer.train import compose_vq_config, train_tokenizer
+
+        vq_cfg = compose_vq_config([f"out={cfg.tokenizer.checkpoint}", f"force={str(force_it).lower()}",
+                                    *vq_overrides])
+        rep = train_tokenizer(vq_cfg)
+        _log("tokenizer", f"{cfg.tokenizer.checkpoint} (PSNR {rep.get('psnr')}, usage {rep.get('codebook_usage')})")
+        return rep
+
+    results["tokenizer"] = timed("tokenizer", tokenizer)
+
+    # 2. codes -----------------------------------------------------------------------------------------------
+    def codes(force_it):
+        from masc_llamagen.checkpoint import load_vq
+        from masc_llamagen.data.extract import extract_codes
+
+        out = Path(cfg.data.codes)
+        stamp = Stamp(out, {"tokenizer": _file_id(Path(cfg.tokenizer.checkpoint)), "data": cfg.data.name,
+                            "size": cfg.data.image_size})
+        if stamp.fresh() and not force_it:
+            _log("codes", f"up to date: {out}")
+            return stamp.summary()
+        vq = load_vq(cfg.tokenizer.checkpoint, cfg.tokenizer.arch)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        extract_codes(vq, {"name": cfg.data.name, "split": "train", "image_size": cfg.data.image_size,
+                           "root": cfg.data.root}, out, tokenizer_path=cfg.tokenizer.checkpoint)
+        summary = {"codes": str(out)}
+        stamp.write(summary)
+        return summary
+
+    results["codes"] = timed("codes", codes)
+
+    # 3. tree ------------------------------------------------------------------------------------------------
+    def tree(force_it):
+        from masc_llamagen.data.codes import CodeDataset
+        from masc_llamagen.masc.tree import size_summary
+        from masc_llamagen.masc.vocab import vocabulary_from_config
+        from masc_llamagen.train.loop import tokenizer_codebook
+
+        codebook = tokenizer_codebook(cfg)
+        voc, info = vocabulary_from_config(cfg.head, codebook, CodeDataset(cfg.data.codes).code_counts(),
+                                           artifacts / "trees")
+        stats = size_summary(voc.sizes().numpy())
+        _log("tree", f"head={voc.name} k={voc.k}: {stats}")
+        return {**info, "sizes": stats}
+
+    results["tree"] = timed("tree", tree)
+
+    # 4. train -----------------------------------------------------------------------------------------------
+    def train_stage(force_it):
+        from masc_llamagen.train.loop import train
+
+        with open_dict(cfg):
+            cfg.train.resume = not force_it
+        out = train(cfg)
+        return {k: out[k] for k in ("step", "checkpoint", "run_dir")} | {"final_loss": out["losses"][-1]
+                                                                         if out["losses"] else None}
+
+    results["train"] = timed("train", train_stage)
+
+    # 5. sample ----------------------------------------------------------------------------------------------
+    from masc_llamagen.train.checkpointing import latest_checkpoint
+
+    def sample_stage(force_it):
+        from masc_llamagen.sample import sample
+
+        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        if ckpt is None:
+            raise SystemExit(f"no checkpoint in {run_dir}; run the train stage first")
+        out_dir = run_dir / "samples" / "default"
+        stamp = Stamp(out_dir / "samples.npz", {"ckpt": _file_id(ckpt), "n": samples,
+                                                "cfg": cfg.train.sample_cfg_scale})
+        if stamp.fresh() and not force_it:
+            _log("sample", f"up to date: {out_dir}")
+            return stamp.summary()
+        register()
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+            scfg = compose("sample", overrides=[f"checkpoint={ckpt}", f"num_samples={samples}",
+                                                f"cfg_scale={cfg.train.sample_cfg_scale}", f"out_dir={out_dir}",
+                                                "batch_size=100", "png=false"])
+        res = sample(scfg)
+        summary = {"npz": res["npz"], "checkpoint": str(ckpt), "num_samples": samples}
+        stamp.write(summary)
+        return summary
+
+    results["sample"] = timed("sample", sample_stage)
+
+    # 6. eval ------------------------------------------------------------------------------------------------
+    def eval_stage(force_it):
+        from masc_llamagen.data.images import heldout_split
+        from masc_llamagen.eval.metrics import compute_metrics, write_metrics_json
+
+        npz = run_dir / "samples" / "default" / "samples.npz"
+        out = npz.with_name("metrics.json")
+        stamp = Stamp(out, {"npz": _file_id(npz), "ref": fid_reference})
+        if stamp.fresh() and not force_it:
+            _log("eval", f"up to date: {out}")
+            return json.loads(out.read_text())
+        m = compute_metrics(npz, cfg.data.name, reference_split=heldout_split(cfg.data.name),
+                            reference_image_size=cfg.data.image_size, reference_limit=fid_reference,
+                            cache_dir=artifacts / "fid")
+        write_metrics_json(m, out)
+        stamp.write({"metrics": str(out)})
+        _log("eval", f"FID {m['fid']:.2f} ({m.get('n_generated')} vs {m.get('n_reference')} images)")
+        return m
+
+    results["eval"] = timed("eval", eval_stage)
+
+    # 7. report ----------------------------------------------------------------------------------------------
+    def report_stage(force_it):
+        from masc_llamagen.report import class_grid, plot_curves, read_metrics, write_report
+
+        rows = read_metrics(run_dir)
+        images = {}
+        curves = plot_curves(rows, run_dir / "report" / "curves.png")
+        if curves:
+            images["Training curves"] = curves
+        npz = run_dir / "samples" / "default" / "samples.npz"
+        if npz.is_file():
+            images["Samples, one row per class (EMA weights)"] = class_grid(npz, run_dir / "report" / "samples.png")
+        metrics_json = npz.with_name("metrics.json")
+        sections = {"Run": {"name": cfg.name, "model": cfg.model.arch, "head": cfg.head.name, "k": cfg.head.k,
+                            "steps": cfg.train.steps, "global batch": cfg.train.global_batch_size,
+                            "run dir": str(run_dir)}}
+        tok_report = Path(str(cfg.tokenizer.checkpoint) + ".json")
+        if tok_report.is_file():
+            tr = json.loads(tok_report.read_text())
+            sections["Tokenizer"] = {k: tr[k] for k in ("psnr", "ssim", "rfid", "codebook_usage", "perplexity",
+                                                         "steps", "wall_time_s") if k in tr}
+        if metrics_json.is_file():
+            m = json.loads(metrics_json.read_text())
+            sections["Sample quality"] = {k: m[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall",
+                                                            "n_generated", "n_reference") if k in m}
+        if rows:
+            last = rows[-1]
+            sections["Final training metrics"] = {k.split("/")[-1]: v for k, v in last.items() if k != "step"}
+        sections["Stage wall times (s)"] = dict(results["timings_s"])
+        notes = [f"Data: {cfg.data.name}. Fashion-MNIST is MIT-licensed (Zalando Research)."]
+        if "twemoji" in str(cfg.data.name):
+            notes.append("Twemoji graphics (c) Twitter/X, CC-BY-4.0.")
+        return str(write_report(run_dir / "report" / "README.md", sections, images, notes))
+
+    results["report"] = timed("report", report_stage)
+    results["total_s"] = round(time.perf_counter() - t_all, 1)
+    (run_dir).mkdir(parents=True, exist_ok=True)
+    (run_dir / "pipeline.json").write_text(json.dumps(results, indent=2, default=str))
+    _log("done", f"{results['total_s']} s; report: {results.get('report')}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m masc_llamagen.pipeline", description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list out of {','.join(STAGES)}")
+    ap.add_argument("--force", default="", help="comma list of stages to redo even when up to date")
+    ap.add_argument("--samples", type=int, default=1000, help="images to sample for FID")
+    ap.add_argument("--fid-reference", type=int, default=1000, help="held-out real images for FID")
+    ap.add_argument("--vq", action="append", default=[], help="override for the tokenizer config (repeatable)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides of the training config")
+    args = ap.parse_args(argv)
+    stages = tuple(s for s in args.stages.split(",") if s)
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        ap.error(f"unknown stages {bad}; choose from {STAGES}")
+    run(args.overrides, stages, tuple(s for s in args.force.split(",") if s), args.samples, args.fid_reference,
+        args.vq)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
