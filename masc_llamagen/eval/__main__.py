@@ -1,0 +1,149 @@
+"""``python -m masc_llamagen.eval GENERATED [REFERENCE]``: FID/KID/precision/recall, printed and written as JSON.
+
+GENERATED is an ADM-style ``.npz`` or an image folder. REFERENCE is a dataset name, an image folder or an ``.npz``;
+when omitted it is read from the ``dataset`` field of the sampler's JSON sidecar beside the samples. A training
+checkpoint as GENERATED is routed to :func:`sample_checkpoint`, the one place where sampling plugs in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from masc_llamagen.eval.inception import InceptionWeightsError
+from masc_llamagen.eval.metrics import (
+    FEATURE_LAYERS,
+    EvalError,
+    compute_metrics,
+    default_output_path,
+    folder_images,
+    format_metrics,
+    log_to_wandb,
+    write_metrics_json,
+)
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
+
+
+class CheckpointSamplingError(EvalError):
+    """A checkpoint was given but this checkout cannot sample from it yet."""
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Anything that is neither an ``.npz`` nor a folder of images is treated as a training checkpoint."""
+    if path.is_file():
+        return path.suffix != ".npz"
+    if path.is_dir():
+        return not folder_images(path) and any(p.suffix in CHECKPOINT_SUFFIXES for p in path.rglob("*"))
+    return False
+
+
+def sample_checkpoint(checkpoint: Path, args: argparse.Namespace) -> Path:
+    """Sample ``checkpoint`` to an ADM-style npz (plus its JSON sidecar naming the dataset) and return the npz.
+
+    Sampling belongs to ``masc_llamagen.sample``; once it exists this runs it (``python -m masc_llamagen.sample``)
+    and the rest of the CLI scores its npz unchanged.
+    """
+    raise CheckpointSamplingError(
+        f"{checkpoint} is a training checkpoint: samples come from `python -m masc_llamagen.sample`, which writes "
+        "an .npz (not available in this checkout yet); sample first, then run "
+        "`python -m masc_llamagen.eval SAMPLES.npz [REFERENCE]`"
+    )
+
+
+def sidecar_candidates(generated: Path) -> list[Path]:
+    g = generated.resolve()
+    if g.is_dir():
+        return [g / "meta.json", g.with_name(g.name + ".json"), g.parent / "meta.json"]
+    return [g.with_name(g.name + ".json"), g.with_suffix(".json"), g.parent / "meta.json"]
+
+
+def reference_from_sidecar(generated: Path) -> tuple[str, dict[str, Any]] | None:
+    """The sampler records what it sampled (``dataset`` and optionally ``split``, ``image_size``, ``data_root``)."""
+    for path in sidecar_candidates(generated):
+        if not path.is_file():
+            continue
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise EvalError(f"{path}: unreadable sample sidecar ({e})") from None
+        if isinstance(meta, dict) and meta.get("dataset"):
+            return str(meta["dataset"]), meta
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m masc_llamagen.eval",
+        description="FID, KID and precision/recall of generated images through torch-fidelity (offline weights).",
+    )
+    p.add_argument("generated", help="ADM-style .npz (arr_0 uint8 N x H x W x 3) or image folder")
+    p.add_argument(
+        "reference", nargs="?",
+        help="dataset name, image folder or .npz (default: `dataset` from the samples' JSON sidecar)",
+    )
+    p.add_argument("--out", help="metrics JSON (default: <samples stem>_metrics.json beside the samples)")
+    p.add_argument("--weights", help="torch-fidelity Inception weights (or fid-helper's TorchScript) to use")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--wandb", action="store_true", help="log to W&B even without an active run (offline mode)")
+    p.add_argument("--kid-subset-size", type=int, help="default: min(1000, image counts)")
+    p.add_argument("--feature-layer", default="2048", choices=FEATURE_LAYERS,
+                   help="Inception layer; only 2048 gives the standard (comparable) FID")
+    p.add_argument("--ref-split", help="split when REFERENCE is a dataset name (default: sidecar's, else train)")
+    p.add_argument("--ref-limit", type=int, help="seeded random subset of a dataset reference (cached per size)")
+    p.add_argument("--ref-image-size", type=int, help="dataset reference resolution (default: the samples')")
+    p.add_argument("--ref-root", help="dataset root for a dataset-name reference")
+    p.add_argument("--cache-dir", help="cache root (default: $MASC_CACHE or ~/.cache/masc_llamagen)")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let torch-fidelity's Inception weights be downloaded when no offline copy exists")
+    p.add_argument("--inception-score", action="store_true",
+                   help="also compute IS (needs weights with a logits layer, e.g. torch-fidelity's own file)")
+    p.add_argument("--quiet", action="store_true", help="no torch-fidelity progress output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    generated = Path(args.generated).expanduser()
+    try:
+        if not generated.exists():
+            raise EvalError(f"{generated}: no such file or folder")
+        if is_checkpoint(generated):
+            generated = sample_checkpoint(generated, args)
+
+        reference, meta = args.reference, {}
+        if reference is None:
+            found = reference_from_sidecar(generated)
+            if found is None:
+                names = ", ".join(str(p) for p in sidecar_candidates(generated))
+                raise EvalError(f"no REFERENCE given and no sidecar with a `dataset` field ({names}); pass REFERENCE")
+            reference, meta = found
+        split = args.ref_split or meta.get("split") or meta.get("dataset_split") or "train"
+        root = args.ref_root or meta.get("data_root") or meta.get("dataset_root")
+
+        result = compute_metrics(
+            str(generated), reference,
+            kid_subset_size=args.kid_subset_size, batch_size=args.batch_size, device=args.device,
+            weights_path=args.weights, cache_dir=args.cache_dir, allow_download=args.allow_download,
+            inception_score=args.inception_score, reference_split=split, reference_image_size=args.ref_image_size,
+            reference_root=root, reference_limit=args.ref_limit, feature_layer=args.feature_layer,
+            verbose=not args.quiet,
+        )
+    except (EvalError, InceptionWeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    out = write_metrics_json(result, args.out or default_output_path(generated))
+    print(format_metrics(result))
+    print(f"wrote {out}")
+    if log_to_wandb(result, force=args.wandb):
+        print("logged to W&B")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
