@@ -33,6 +33,16 @@ def sample_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tenso
     raise ValueError(f"labels={mode!r}; use 'balanced' or 'random'")
 
 
+def _heldout(name: str | None) -> str | None:
+    """The split a sample set is scored against by default: the dataset's held-out images."""
+    from masc_llamagen.data.images import heldout_split
+
+    try:
+        return heldout_split(name) if name else None
+    except (KeyError, ValueError):
+        return None
+
+
 def head_from_checkpoint(ck: dict, decoder: str | None, smoothing: float) -> Vocabulary:
     head = ck.get("head")
     if head is None:
@@ -99,6 +109,7 @@ def sample(cfg: DictConfig) -> dict:
         dist.all_gather_object(parts, images)
     result = {}
     if acc.is_main_process:
+        data_cfg = (ck.get("config") or {}).get("data", {})
         merged = {k: v for p in parts for k, v in p.items()}
         arr = np.stack([merged[i] for i in range(cfg.num_samples)])
         npz = out / "samples.npz"
@@ -108,8 +119,8 @@ def sample(cfg: DictConfig) -> dict:
         meta = {"checkpoint": str(ck_path), "step": int(ck["step"]), "ema": bool(cfg.use_ema),
                 "head": vocab.name, "k": vocab.k, "decoder": None if vocab.is_flat else vocab.decoder,
                 "sampling": OmegaConf.to_container(cfg, resolve=True), "num_samples": int(cfg.num_samples),
-                "dataset": (ck.get("config") or {}).get("data", {}).get("name"),
-                "image_size": (ck.get("config") or {}).get("data", {}).get("image_size"),
+                "dataset": data_cfg.get("name"), "split": _heldout(data_cfg.get("name")),
+                "data_root": data_cfg.get("root"), "image_size": data_cfg.get("image_size"),
                 "npz": str(npz)}
         (out / "samples.npz.json").write_text(json.dumps(meta, indent=2))
         print(f"wrote {arr.shape[0]} samples to {npz}")

@@ -211,13 +211,13 @@ def test_cli_checkpoint_exits_2_with_message(tmp_path, capsys):
     ckpt = tmp_path / "last.pt"
     torch.save({"model": {}}, ckpt)
     assert eval_main([str(ckpt)]) == 2
-    assert "masc_llamagen.sample" in capsys.readouterr().err
+    assert "not a masc-llamagen training checkpoint" in capsys.readouterr().err
 
     proc = subprocess.run(
         ["bash", str(REPO / "scripts" / "eval.sh"), str(ckpt)], capture_output=True, text=True, cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    assert proc.returncode == 2 and "masc_llamagen.sample" in proc.stderr
+    assert proc.returncode == 2 and "not a masc-llamagen training checkpoint" in proc.stderr
 
 
 def test_cli_writes_json_reference_from_sidecar(env, capsys):

@@ -28,10 +28,6 @@ from masc_llamagen.eval.metrics import (
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
 
 
-class CheckpointSamplingError(EvalError):
-    """A checkpoint was given but this checkout cannot sample from it yet."""
-
-
 def is_checkpoint(path: Path) -> bool:
     """Anything that is neither an ``.npz`` nor a folder of images is treated as a training checkpoint."""
     if path.is_file():
@@ -42,16 +38,27 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def sample_checkpoint(checkpoint: Path, args: argparse.Namespace) -> Path:
-    """Sample ``checkpoint`` to an ADM-style npz (plus its JSON sidecar naming the dataset) and return the npz.
+    """Sample ``checkpoint`` with ``masc_llamagen.sample`` (EMA weights, the run's CFG scale unless given) and return
+    the ADM-style npz it writes (its JSON sidecar names the dataset and held-out split for the reference)."""
+    from hydra import compose, initialize_config_dir
 
-    Sampling belongs to ``masc_llamagen.sample``; once it exists this runs it (``python -m masc_llamagen.sample``)
-    and the rest of the CLI scores its npz unchanged.
-    """
-    raise CheckpointSamplingError(
-        f"{checkpoint} is a training checkpoint: samples come from `python -m masc_llamagen.sample`, which writes "
-        "an .npz (not available in this checkout yet); sample first, then run "
-        "`python -m masc_llamagen.eval SAMPLES.npz [REFERENCE]`"
-    )
+    from masc_llamagen.checkpoint import CheckpointError
+    from masc_llamagen.sample import sample
+    from masc_llamagen.train.checkpointing import load_training_checkpoint
+
+    try:
+        ck = load_training_checkpoint(checkpoint)
+    except CheckpointError as e:
+        raise EvalError(str(e)) from None
+    cfg_scale = args.cfg_scale or ((ck.get("config") or {}).get("train", {}).get("sample_cfg_scale") or 1.0)
+    overrides = [f"checkpoint={checkpoint}", f"num_samples={args.num_samples}", f"cfg_scale={cfg_scale}",
+                 f"batch_size={args.batch_size}", "png=false"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[2] / "configs")):
+        cfg = compose("sample", overrides=overrides)
+    try:
+        return Path(sample(cfg)["npz"])
+    except CheckpointError as e:
+        raise EvalError(str(e)) from None
 
 
 def sidecar_candidates(generated: Path) -> list[Path]:
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m masc_llamagen.eval",
         description="FID, KID and precision/recall of generated images through torch-fidelity (offline weights).",
     )
-    p.add_argument("generated", help="ADM-style .npz (arr_0 uint8 N x H x W x 3) or image folder")
+    p.add_argument("generated", help="ADM-style .npz (arr_0 uint8 N x H x W x 3), image folder or training checkpoint")
     p.add_argument(
         "reference", nargs="?",
         help="dataset name, image folder or .npz (default: `dataset` from the samples' JSON sidecar)",
@@ -103,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-score", action="store_true",
                    help="also compute IS (needs weights with a logits layer, e.g. torch-fidelity's own file)")
     p.add_argument("--quiet", action="store_true", help="no torch-fidelity progress output")
+    p.add_argument("--num-samples", type=int, default=10000,
+                   help="images to sample when GENERATED is a training checkpoint (50000 for the standard protocol)")
+    p.add_argument("--cfg-scale", type=float, help="CFG scale for checkpoint sampling (default: the run's)")
     return p
 
 
