@@ -81,7 +81,12 @@ class TrainSchema:
     keep_last: int = 3
     log_every: int = 10
     sample_every: int = 0  # decoded sample grid every N steps (0: off)
-    sample_cfg_scale: float = 2.0
+    sample_cfg_scale: float = 2.0  # CFG for sample grids and in-training FID
+    eval_every: int = 0  # FID/KID of EMA samples vs the held-out set every N steps (0: off)
+    eval_samples: int = 1000
+    eval_reference: int = 1000  # held-out real images (features cached once per dataset and size)
+    eval_feature_layer: str = "2048"  # Inception layer; only 2048 gives FIDs comparable with published ones
+    baseline_curve: str | None = None  # a baseline run's metrics.jsonl: logs acceleration so far
     stop_after: int | None = None  # leave after this many steps in this invocation (cluster time slices)
     resume: bool = True  # continue from the newest checkpoint in the run directory
 

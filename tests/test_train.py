@@ -166,3 +166,30 @@ def test_codes_from_another_tokenizer_are_refused(tmp_path, assets):
     cfg.tokenizer.checkpoint = str(tmp_path / "changed.safetensors")
     with pytest.raises(TrainingError, match="were extracted with tokenizer"):
         train(cfg)
+
+
+def test_in_training_fid_grids_and_acceleration_are_logged(tmp_path, assets, monkeypatch):
+    """eval_every: FID/KID of EMA samples vs held-out Fashion-MNIST; a baseline curve gives acceleration."""
+    import json
+
+    from masc_llamagen.data.images import DatasetNotFoundError, build_image_dataset
+    from masc_llamagen.eval.inception import random_inception_weights
+
+    try:
+        build_image_dataset("fashion_mnist", "test")
+    except DatasetNotFoundError as e:
+        pytest.skip(str(e))
+    monkeypatch.setenv("MASC_INCEPTION_WEIGHTS", str(random_inception_weights(tmp_path / "inc.pth")))
+    baseline = tmp_path / "baseline.jsonl"
+    baseline.write_text("\n".join(json.dumps({"step": s, "eval/fid": f}) for s, f in [(2, 1e9), (4, 1e8)]))
+    cfg = compose_cfg(tmp_path, assets, [*BASE, "train.steps=4", "train.eval_every=2", "train.eval_samples=8",
+                                         "train.eval_reference=8", "train.eval_feature_layer=192",
+                                         "train.sample_every=4", "data.image_size=16",
+                                         f"train.baseline_curve={baseline}"], run="e")
+    train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/fid" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["eval/fid"] > 0 and "eval/kid_mean" in r and r["eval/wall_clock_s"] > 0 for r in evals)
+    assert evals[-1]["eval/acceleration"] == pytest.approx(1 - 2 / 4)  # below the baseline's final FID at step 2
+    assert (tmp_path / "e" / "samples" / "step00000004.png").is_file()

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from masc_llamagen.checkpoint import CheckpointError, load_vq, read_state_dict
+from masc_llamagen.checkpoint import CheckpointError, read_state_dict
 from masc_llamagen.masc.heads import Vocabulary, bits
 from masc_llamagen.masc.vocab import vocabulary_from_config
 from masc_llamagen.models.gpt import GPT, TransformerBlock, gpt_config
@@ -35,6 +35,7 @@ from masc_llamagen.train.checkpointing import (
     restore_rng,
 )
 from masc_llamagen.train.ema import EMA
+from masc_llamagen.train.evaluate import TrainingSampler
 from masc_llamagen.train.logging import MetricLogger
 from masc_llamagen.train.optim import build_optimizer, build_scheduler
 from masc_llamagen.train.run_info import write_run_info
@@ -151,7 +152,7 @@ def train(cfg: DictConfig) -> dict:
     opt = build_optimizer(model, o.lr, o.betas, o.eps, o.weight_decay)
     sched = build_scheduler(opt, t.steps, o.schedule, o.warmup_steps, o.lr, o.final_lr)
 
-    start = 0
+    start, elapsed = 0, 0.0  # elapsed: training wall time of earlier invocations (for FID vs wall-clock)
     resume_from = latest_checkpoint(ckpt_dir) if t.resume else None
     rng_state = None
     if resume_from is not None:
@@ -166,6 +167,7 @@ def train(cfg: DictConfig) -> dict:
         if ema is not None and "ema" in ck:
             ema.load_state_dict({k: v for k, v in ck["ema"].items() if k in ema.shadow})
         start = int(ck["step"])
+        elapsed = float(ck.get("elapsed_s", 0.0))
         per_rank = ck["rng"]
         if len(per_rank) == acc.num_processes:
             rng_state = per_rank[acc.process_index]
@@ -205,6 +207,7 @@ def train(cfg: DictConfig) -> dict:
                 "scheduler": sched.state_dict(),
                 "rng": rng_all,
                 "step": step,
+                "elapsed_s": elapsed + time.perf_counter() - t_start,
                 "model_config": asdict(raw.config),
                 "model_kind": "gpt",
                 "head": {**vocab.to_state(), "token_counts": torch.from_numpy(counts)},
@@ -219,11 +222,13 @@ def train(cfg: DictConfig) -> dict:
         acc.wait_for_everyone()
         return path
 
+    sampler = TrainingSampler(cfg, vocab, run_dir)
     history: list[float] = []
     step = start
     last_log = time.perf_counter()
     last_log_step = start
     micro = per_step // t.grad_accum
+    t_start = time.perf_counter()
     model.train()
     progress = _progress(acc.is_main_process, start, t.steps)
     stopped_early = False
@@ -282,7 +287,11 @@ def train(cfg: DictConfig) -> dict:
                 logger.log(metrics, step)
                 progress.set_postfix(loss=f"{history[-1]:.4f}")
             if t.sample_every and step % t.sample_every == 0 and acc.is_main_process:
-                _log_samples(cfg, raw, ema, vocab, logger, step, run_dir)
+                logger.image("samples/grid", sampler.grid(raw, ema, step), step)
+            if t.eval_every and step % t.eval_every == 0:
+                if acc.is_main_process:
+                    logger.log(sampler.fid(raw, ema, step, elapsed + time.perf_counter() - t_start), step)
+                acc.wait_for_everyone()
             want_stop = stop.requested or (t.stop_after is not None and step - start >= t.stop_after)
             want_stop = bool(acc.reduce(torch.tensor(float(want_stop), device=acc.device), reduction="sum") > 0)
             if step % t.ckpt_every == 0 or step == t.steps or want_stop:
@@ -320,28 +329,3 @@ def _progress(main: bool, start: int, total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, disable=not main, desc="train", dynamic_ncols=True)
-
-
-def _log_samples(cfg, raw: GPT, ema: EMA | None, vocab: Vocabulary, logger: MetricLogger, step: int, run_dir: Path):
-    """A decoded grid (one row per class) from the EMA weights, saved and logged."""
-    from masc_llamagen.models.sampling import SamplingConfig, generate
-    from masc_llamagen.train.images import save_grid
-
-    try:
-        vq = load_vq(cfg.tokenizer.checkpoint, cfg.tokenizer.arch)
-    except CheckpointError as e:
-        logger.warn(f"sample grid skipped: {e}")
-        return
-    model = GPT(raw.config)
-    model.load_state_dict(ema.model_state(raw) if ema is not None else raw.state_dict())
-    model.to(raw.output.weight.device)
-    n_cls = min(raw.config.num_classes, 10)
-    labels = torch.arange(n_cls).repeat_interleave(8)
-    g = torch.Generator().manual_seed(step)
-    ids = generate(model, labels, sampling=SamplingConfig(cfg_scale=cfg.train.sample_cfg_scale), generator=g)
-    tokens = vocab.decode(ids.cpu(), generator=g)
-    side = math.isqrt(tokens.shape[1])
-    with torch.no_grad():
-        images = vq.decode_code(tokens.reshape(-1, side, side))
-    path = save_grid(images, run_dir / "samples" / f"step{step:08d}.png", nrow=8)
-    logger.image("samples/grid", path, step)
