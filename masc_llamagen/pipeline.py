@@ -69,7 +69,7 @@ def _log(stage: str, msg: str) -> None:
 
 
 def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_reference: int = 1000,
-        vq_overrides: list[str] = ()) -> dict:
+        vq_overrides: list[str] = (), rfid_images: int = 500) -> dict:
     cfg = compose_train(overrides)
     artifacts, run_dir = Path(cfg.paths.artifacts), Path(cfg.paths.output_dir)
     results: dict = {"timings_s": {}}
@@ -85,10 +85,13 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
 
     # 1. tokenizer -------------------------------------------------------------------------------------------
     def tokenizer(force_it):
-        from masc_llamagen.tokenizer.train import compose_vq_config, train_tokenizer
+        from omegaconf import OmegaConf
 
-        vq_cfg = compose_vq_config([f"out={cfg.tokenizer.checkpoint}", f"force={str(force_it).lower()}",
-                                    *vq_overrides])
+        from masc_llamagen.tokenizer.train import train_tokenizer
+
+        vq_cfg = OmegaConf.merge(OmegaConf.create({"out": str(cfg.tokenizer.checkpoint), "force": force_it,
+                                                   "rfid_images": rfid_images}),
+                                 OmegaConf.from_dotlist(list(vq_overrides)))
         rep = train_tokenizer(vq_cfg)
         _log("tokenizer", f"{cfg.tokenizer.checkpoint} (PSNR {rep.get('psnr')}, usage {rep.get('codebook_usage')})")
         return rep
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", default="", help="comma list of stages to redo even when up to date")
     ap.add_argument("--samples", type=int, default=1000, help="images to sample for FID")
     ap.add_argument("--fid-reference", type=int, default=1000, help="held-out real images for FID")
+    ap.add_argument("--rfid-images", type=int, default=500, help="held-out images for the tokenizer's rFID")
     ap.add_argument("--vq", action="append", default=[], help="override for the tokenizer config (repeatable)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the training config")
     args = ap.parse_args(argv)
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown stages {bad}; choose from {STAGES}")
     run(args.overrides, stages, tuple(s for s in args.force.split(",") if s), args.samples, args.fid_reference,
-        args.vq)
+        args.vq, args.rfid_images)
     return 0
 
 
