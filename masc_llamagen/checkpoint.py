@@ -176,6 +176,24 @@ def _check_kind(ckpt: Mapping[str, Any], kind: str, path) -> None:
         raise CheckpointError(f"{path} holds a {found} model, not a {kind}; pass the matching file")
 
 
+def _load_model(path, kind: str, config: Any, registry: Mapping[str, Any], from_dict, build, describe: tuple[str, ...],
+                prefer_ema: bool, overrides: dict):
+    ckpt = read_checkpoint(path)
+    _check_kind(ckpt, kind, path)
+    sd = extract_state_dict(ckpt, prefer_ema=prefer_ema)
+    saved = ckpt.get("model_config") if isinstance(ckpt.get("model_config"), Mapping) else None
+    name = kind.upper()
+    try:
+        cfg = _resolve_config(name, config, saved, registry, from_dict, path, overrides)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid {name} config ({e})") from None
+    model = build(cfg)
+    load_strict(model, sd, str(path), _describe(cfg, describe))
+    return model.eval()
+
+
 def load_gpt(path: str | os.PathLike, config: Any = None, *, prefer_ema: bool = True, **overrides):
     """A GPT with the weights of ``path`` (upstream .pt, FSDP bare dict, safetensors, or ours; EMA if present).
 
@@ -183,43 +201,22 @@ def load_gpt(path: str | os.PathLike, config: Any = None, *, prefer_ema: bool = 
     """
     from masc_llamagen.models.gpt import GPT, GPT_CONFIGS, GPTConfig
 
-    ckpt = read_checkpoint(path)
-    _check_kind(ckpt, "gpt", path)
-    sd = extract_state_dict(ckpt, prefer_ema=prefer_ema)
-    saved = ckpt.get("model_config") if isinstance(ckpt.get("model_config"), Mapping) else None
-    try:
-        cfg = _resolve_config("GPT", config, saved, GPT_CONFIGS, GPTConfig.from_dict, path, overrides)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: invalid GPT config ({e})") from None
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model = model.to_empty(device="cpu")
-    load_strict(model, sd, str(path), _describe(cfg, ("dim", "n_layer", "n_head", "vocab_size", "num_classes")))
-    model.eval()
-    return model
+    def build(cfg):
+        with torch.device("meta"):  # no random init of weights that are overwritten right away
+            model = GPT(cfg)
+        return model.to_empty(device="cpu")
+
+    return _load_model(path, "gpt", config, GPT_CONFIGS, GPTConfig.from_dict, build,
+                       ("dim", "n_layer", "n_head", "vocab_size", "num_classes"), prefer_ema, overrides)
 
 
 def load_vq(path: str | os.PathLike, config: Any = None, **overrides):
     """A VQModel with the weights of ``path``; ``config`` is a registry name ("VQ-16"), a VQConfig or None."""
     from masc_llamagen.tokenizer.vq import VQ_CONFIGS, VQConfig, VQModel
 
-    ckpt = read_checkpoint(path)
-    _check_kind(ckpt, "vq", path)
-    sd = extract_state_dict(ckpt, prefer_ema=False)
-    saved = ckpt.get("model_config") if isinstance(ckpt.get("model_config"), Mapping) else None
-    try:
-        cfg = _resolve_config("VQ", config, saved, VQ_CONFIGS, VQConfig.from_dict, path, overrides)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: invalid VQ config ({e})") from None
-    model = VQModel(cfg)
-    load_strict(model, sd, str(path), _describe(
-        cfg, ("codebook_size", "codebook_embed_dim", "z_channels", "ch", "encoder_ch_mult", "decoder_ch_mult")))
-    model.eval()
-    return model
+    return _load_model(path, "vq", config, VQ_CONFIGS, VQConfig.from_dict, VQModel,
+                       ("codebook_size", "codebook_embed_dim", "z_channels", "ch", "encoder_ch_mult",
+                        "decoder_ch_mult"), False, overrides)
 
 
 def _describe(cfg: Any, keys: tuple[str, ...]) -> str:
