@@ -193,3 +193,44 @@ def test_in_training_fid_grids_and_acceleration_are_logged(tmp_path, assets, mon
     assert all(r["eval/fid"] > 0 and "eval/kid_mean" in r and r["eval/wall_clock_s"] > 0 for r in evals)
     assert evals[-1]["eval/acceleration"] == pytest.approx(1 - 2 / 4)  # below the baseline's final FID at step 2
     assert (tmp_path / "e" / "samples" / "step00000004.png").is_file()
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, assets):
+    """Cluster pre-emption: SIGTERM -> checkpoint at the current step, exit code 0; rerun finishes the run."""
+    args = [f"tokenizer.checkpoint={assets['tokenizer']}", f"data.codes={assets['codes']}", "model=gpt_nano",
+            "train=cpu", "logger=none", *BASE, "train.steps=100000", "train.ckpt_every=1000",
+            f"paths.root={tmp_path}", f"paths.artifacts={tmp_path / 'artifacts'}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    found = list_checkpoints(run_dir / "checkpoints")
+    assert len(found) == 1 and 3 <= found[0][0] < 1000  # saved at the step it stopped, not a scheduled one
+    resumed = train(compose_cfg(tmp_path, assets, [*BASE, f"train.steps={found[0][0] + 2}"], run="term"))
+    assert resumed["resumed_from"].endswith(found[0][1].name) and resumed["step"] == found[0][0] + 2
+
+
+def test_ema_warms_up_so_short_runs_are_not_the_initialisation():
+    from masc_llamagen.train.ema import EMA
+
+    model = torch.nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for _ in range(600):
+        ema.update(model)
+    # hand computation of the warmed-up product of decays
+    keep = 1.0
+    for n in range(600):
+        keep *= min(0.999, (1 + n) / (10 + n))
+    assert ema.shadow["weight"][0, 0].item() == pytest.approx(1 - keep, rel=1e-5)
+    assert keep < 0.6 * 0.999**600  # far less of the initialisation than a constant decay would keep

@@ -164,9 +164,9 @@ def train(cfg: DictConfig) -> dict:
         model.load_state_dict(ck["model"], strict=True)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        if ema is not None and "ema" in ck:
-            ema.load_state_dict({k: v for k, v in ck["ema"].items() if k in ema.shadow})
         start = int(ck["step"])
+        if ema is not None and "ema" in ck:
+            ema.load_state_dict({k: v for k, v in ck["ema"].items() if k in ema.shadow}, ck.get("ema_updates", start))
         elapsed = float(ck.get("elapsed_s", 0.0))
         per_rank = ck["rng"]
         if len(per_rank) == acc.num_processes:
@@ -207,6 +207,7 @@ def train(cfg: DictConfig) -> dict:
                 "scheduler": sched.state_dict(),
                 "rng": rng_all,
                 "step": step,
+                "ema_updates": ema.num_updates if ema is not None else 0,
                 "elapsed_s": elapsed + time.perf_counter() - t_start,
                 "model_config": asdict(raw.config),
                 "model_kind": "gpt",
