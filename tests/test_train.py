@@ -234,3 +234,23 @@ def test_ema_warms_up_so_short_runs_are_not_the_initialisation():
         keep *= min(0.999, (1 + n) / (10 + n))
     assert ema.shadow["weight"][0, 0].item() == pytest.approx(1 - keep, rel=1e-5)
     assert keep < 0.6 * 0.999**600  # far less of the initialisation than a constant decay would keep
+
+
+def test_fsdp_two_processes_with_resume_match_one_process(tmp_path, assets):
+    """FSDP2 (gloo, 2 ranks), interrupted after 2 steps and resumed, ends where 1 process x 8 does after 4."""
+    common = [f"tokenizer.checkpoint={assets['tokenizer']}", f"data.codes={assets['codes']}", "model=gpt_nano",
+              "train=cpu", "logger=none", *BASE, *NO_DROPOUT, "train.distributed=fsdp", "train.steps=4",
+              f"paths.root={tmp_path}", f"paths.artifacts={tmp_path / 'artifacts'}", f"hydra.run.dir={tmp_path / 'f'}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for i, extra in enumerate((["train.stop_after=2"], [])):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(29560 + i), str(REPO / "train.py"), *common, *extra],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(tmp_path / "f" / "checkpoints")] == [2, 4]
+    train(compose_cfg(tmp_path, assets, [*BASE, *NO_DROPOUT, "train.steps=4"], run="one"))
+    for ema in (False, True):
+        a = load_gpt(tmp_path / "f" / "checkpoints" / "ckpt-00000004.pt", prefer_ema=ema)
+        b = load_gpt(tmp_path / "one" / "checkpoints" / "ckpt-00000004.pt", prefer_ema=ema)
+        for (k, v1), v2 in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-6, msg=k)

@@ -56,6 +56,9 @@ def _accelerator(cfg: DictConfig) -> Accelerator:
             fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
             transformer_cls_names_to_wrap=[TransformerBlock.__name__], reshard_after_forward=True,
             state_dict_type="FULL_STATE_DICT")
+        if t.sample_every or t.eval_every:
+            raise TrainingError("train.sample_every/eval_every are not supported with train.distributed=fsdp yet "
+                                "(the EMA is sharded); sample and score saved checkpoints instead")
     elif t.distributed != "ddp":
         raise TrainingError(f"train.distributed={t.distributed!r}; use 'ddp' or 'fsdp'")
     return Accelerator(cpu=t.cpu, mixed_precision=t.mixed_precision, **kwargs)
@@ -162,7 +165,8 @@ def train(cfg: DictConfig) -> dict:
             raise TrainingError(f"{resume_from} was trained with head={saved_head.get('name')} k={saved_head.get('k')} "
                                 f"but the config asks for head={vocab.name} k={vocab.k}; use another run directory")
         model.load_state_dict(ck["model"], strict=True)
-        opt.load_state_dict(ck["optimizer"])
+        if t.distributed != "fsdp":  # FSDP loads its (full) optimizer state after sharding, below
+            opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start = int(ck["step"])
         if ema is not None and "ema" in ck:
@@ -176,6 +180,14 @@ def train(cfg: DictConfig) -> dict:
         model = torch.compile(model)
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
+    fsdp = t.distributed == "fsdp"
+    if fsdp:
+        from masc_llamagen.train.sharding import load_full_optimizer_state, shard_like
+
+        if ema is not None:  # the EMA follows the parameters' sharding: each rank averages its own shard
+            ema.shadow = shard_like(ema.shadow, raw.state_dict())
+        if resume_from is not None:
+            load_full_optimizer_state(raw, opt, ck["optimizer"])
     if rng_state is not None:
         restore_rng(rng_state)
 
@@ -199,11 +211,21 @@ def train(cfg: DictConfig) -> dict:
     def save(step: int) -> Path:
         rng_all = _gather_rng(acc)
         path = checkpoint_path(ckpt_dir, step)
+        # Gathering full tensors is collective under FSDP: every rank takes part, rank 0 writes.
+        model_sd = acc.get_state_dict(model)
+        ema_sd = ema.model_state(raw) if ema is not None else None
+        if fsdp:
+            from masc_llamagen.train.sharding import full_optimizer_state, full_tensors
+
+            ema_sd = full_tensors(ema_sd) if ema_sd is not None else None
+            opt_sd = full_optimizer_state(raw, opt)
+        else:
+            opt_sd = opt.state_dict()
         if acc.is_main_process:
             state = {
-                "model": acc.get_state_dict(model),
-                "ema": ema.model_state(raw) if ema is not None else None,
-                "optimizer": opt.state_dict(),
+                "model": model_sd,
+                "ema": ema_sd,
+                "optimizer": opt_sd,
                 "scheduler": sched.state_dict(),
                 "rng": rng_all,
                 "step": step,
