@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -264,7 +265,7 @@ def train(cfg: DictConfig) -> dict:
             for a in range(t.grad_accum):
                 sl = slice(a * micro, (a + 1) * micro)
                 sync = a == t.grad_accum - 1
-                ctx = acc.no_sync(model) if not sync else _nullcontext()
+                ctx = acc.no_sync(model) if not sync else nullcontext()
                 with ctx, acc.autocast():
                     logits, loss = model(ids[sl, :-1], labels[sl], targets=ids[sl])
                     acc.backward(loss / t.grad_accum)
@@ -327,14 +328,6 @@ def train(cfg: DictConfig) -> dict:
     return {"step": step, "losses": history, "run_dir": str(run_dir), "stopped_early": stopped_early,
             "checkpoint": str(latest_checkpoint(ckpt_dir)) if latest_checkpoint(ckpt_dir) else None,
             "resumed_from": str(resume_from) if resume_from else None}
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _gather_rng(acc: Accelerator) -> list:
