@@ -1,7 +1,7 @@
 """Evaluation path: offline Inception weights, torch-fidelity metrics on real images, CLI and JSON.
 
 Inception costs ~0.14 s per image on these CPUs and FID's 2048x2048 eigen-solve 10-50 s, so the random-weight
-metric test scores 24 images per side at the 768-d layer (same code path, a ~1 s solve); the 2048-d output of the test
+metric test scores 48 images per side at the 768-d layer (same code path, a ~1 s solve); the 2048-d output of the test
 network is checked separately so a degenerate network (FID 0 for everything) cannot pass. Plumbing tests (agreement
 with torch-fidelity, CLI) use 8 images at the cheap 192-d stem layer.
 """
@@ -33,7 +33,7 @@ from masc_llamagen.eval.metrics import (  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-N = 24
+N = 48
 LAYER = "768"  # deep enough to exercise the random network, with a ~1 s FID eigen-solve
 PLUMBING_LAYER = "192"  # tests of plumbing (agreement, CLI) only need some layer: the stem is 3x cheaper
 
