@@ -254,3 +254,15 @@ def test_fsdp_two_processes_with_resume_match_one_process(tmp_path, assets):
         b = load_gpt(tmp_path / "one" / "checkpoints" / "ckpt-00000004.pt", prefer_ema=ema)
         for (k, v1), v2 in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_cli_user_errors_are_one_line(tmp_path, assets):
+    args = [f"tokenizer.checkpoint={assets['tokenizer']}", f"data.codes={assets['codes']}", "debug=default",
+            "head=masc", "head.k=65", f"paths.root={tmp_path}", f"paths.artifacts={tmp_path / 'a'}",
+            f"hydra.run.dir={tmp_path / 'r'}"]
+    r = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == ("error: k=65 is out of range: a codebook of N=64 tokens can be cut "
+                                                 "into 1 <= k <= 64 clusters")
+    assert "Traceback" not in r.stderr

@@ -169,7 +169,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not f.is_file():
         raise FileNotFoundError(
             f"no packed codes at {path} ({META_FILE} missing): extract them first "
-            "(masc_llamagen.data.extract_codes / scripts/extract_codes.py)"
+            "(`python -m masc_llamagen.pipeline --stages tokenizer,codes` for the default data, or "
+            "masc_llamagen.data.extract.extract_codes)"
         )
     with open(f, encoding="utf-8") as fh:
         meta = json.load(fh)
