@@ -34,6 +34,9 @@ class HeadSchema:
     normalize: bool = True  # cluster the L2-normalised codebook (what LlamaGen quantises with)
     seed: int = 0  # k-means / random mapping seed
     tree: str | None = None  # a built tree (.npz); default: built once from the tokenizer and cached
+    # head=flat only: also log the flat model's CE marginalised onto the MASC clusters at this k, to compare a flat
+    # model with a coarse head on the coarse task itself (masc-method.md section 7b)
+    compare_k: int | None = None
 
 
 @dataclass

@@ -266,3 +266,16 @@ def test_cli_user_errors_are_one_line(tmp_path, assets):
     assert r.stderr.strip().splitlines()[-1] == ("error: k=65 is out of range: a codebook of N=64 tokens can be cut "
                                                  "into 1 <= k <= 64 clusters")
     assert "Traceback" not in r.stderr
+
+
+def test_flat_head_logs_marginal_coarse_ce_on_masc_clusters(tmp_path, assets):
+    import json
+
+    train(compose_cfg(tmp_path, assets, ["head=flat", "head.compare_k=16", "train.global_batch_size=8",
+                                         "train.log_every=1", "train.steps=3"], run="m"))
+    rows = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        # summing a distribution over a cluster can only raise the target's probability
+        assert 0 < r["train/marginal_coarse_ce_bits"] <= r["train/fine_nll_bits"] + 1e-6
+    assert rows[0]["train/fine_nll_bits"] == pytest.approx(6.0, abs=0.05)  # zero-init head: log2(64) at start

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from masc_llamagen.checkpoint import CheckpointError, read_state_dict
-from masc_llamagen.masc.heads import Vocabulary, bits
+from masc_llamagen.masc.heads import Vocabulary, bits, marginal_coarse_nll
 from masc_llamagen.masc.vocab import vocabulary_from_config
 from masc_llamagen.models.gpt import GPT, TransformerBlock, gpt_config
 from masc_llamagen.train.batches import EpochIndexed, StepBatches, collate
@@ -144,6 +144,14 @@ def train(cfg: DictConfig) -> dict:
         vocabulary_from_config(cfg.head, codebook, counts, cache_dir)
     acc.wait_for_everyone()
     vocab, head_info = vocabulary_from_config(cfg.head, codebook, counts, cache_dir)
+    compare_mapping = None
+    if vocab.is_flat and cfg.head.compare_k:
+        from omegaconf import open_dict
+
+        masc_head = cfg.head.copy()
+        with open_dict(masc_head):
+            masc_head.name, masc_head.k = "masc", cfg.head.compare_k
+        compare_mapping = vocabulary_from_config(masc_head, codebook, None, cache_dir)[0].mapping
     grid = int(np.prod(codes.grid))
     model = build_model(cfg, vocab, grid, codes.num_classes)
     ema = EMA(model, t.ema_decay) if t.ema else None
@@ -304,6 +312,10 @@ def train(cfg: DictConfig) -> dict:
                 }
                 if not vocab.is_flat:
                     metrics["train/coarse_ce_bits"] = bits(history[-1])
+                elif compare_mapping is not None:
+                    with torch.no_grad():
+                        marginal = marginal_coarse_nll(last_logits, target, compare_mapping).mean().item()
+                    metrics["train/marginal_coarse_ce_bits"] = bits(marginal)
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)
                 if peak:
