@@ -140,10 +140,10 @@ def train(cfg: DictConfig) -> dict:
         raise TrainingError(f"codes use a {codes.codebook_size}-entry codebook, tokenizer has {codebook.shape[0]}")
     cache_dir = Path(cfg.paths.artifacts) / "trees"
     counts = codes.code_counts()
-    if acc.is_main_process:  # build/cache the tree once, then every rank loads it
-        vocabulary_from_config(cfg.head, codebook, counts, cache_dir)
+    # Rank 0 builds (and caches) the tree or mapping first; the other ranks then load it from the cache.
+    built = vocabulary_from_config(cfg.head, codebook, counts, cache_dir) if acc.is_main_process else None
     acc.wait_for_everyone()
-    vocab, head_info = vocabulary_from_config(cfg.head, codebook, counts, cache_dir)
+    vocab, head_info = built or vocabulary_from_config(cfg.head, codebook, counts, cache_dir)
     compare_mapping = None
     if vocab.is_flat and cfg.head.compare_k:
         from omegaconf import open_dict
@@ -215,7 +215,8 @@ def train(cfg: DictConfig) -> dict:
     logger = MetricLogger(cfg, run_dir, acc.is_main_process)
     tokens_per_image = grid
     fpt = flops_per_token(raw.config, n_params)
-    peak = peak_flops(acc.device) * acc.num_processes if peak_flops(acc.device) else None
+    device_peak = peak_flops(acc.device)
+    peak = device_peak * acc.num_processes if device_peak else None
 
     def save(step: int) -> Path:
         rng_all = _gather_rng(acc)
