@@ -21,6 +21,19 @@ BASE = ["head=random", "head.k=16", "train.global_batch_size=8", "train.log_ever
 NO_DROPOUT = ["model.token_dropout_p=0", "model.resid_dropout_p=0", "model.ffn_dropout_p=0"]
 
 
+def _cli_overrides(tmp_path, assets, *extra):
+    """Overrides pointing `train.py`, run as a subprocess, at the test assets (CPU, GPT-nano, no logger)."""
+    return [f"tokenizer.checkpoint={assets['tokenizer']}", f"data.codes={assets['codes']}", "model=gpt_nano",
+            "train=cpu", "logger=none", *BASE, f"paths.root={tmp_path}", f"paths.artifacts={tmp_path / 'artifacts'}",
+            *extra]
+
+
+def _assert_same_weights(actual, expected, prefer_ema=False):
+    a, b = load_gpt(actual, prefer_ema=prefer_ema), load_gpt(expected, prefer_ema=prefer_ema)
+    for (k, v1), v2 in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-6, msg=k)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
@@ -44,9 +57,7 @@ def test_resume_after_interruption_reproduces_losses_exactly(tmp_path, assets):
 
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, assets):
     """A real kill of the training process: the last good checkpoint survives and resume continues exactly."""
-    args = [f"tokenizer.checkpoint={assets['tokenizer']}", f"data.codes={assets['codes']}", "model=gpt_nano",
-            "train=cpu", "logger=none", *BASE, "train.steps=40", "train.ckpt_every=2",
-            f"paths.root={tmp_path}", f"paths.artifacts={tmp_path / 'artifacts'}"]
+    args = _cli_overrides(tmp_path, assets, "train.steps=40", "train.ckpt_every=2")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
@@ -76,29 +87,22 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, assets):
     one = train(compose_cfg(tmp_path, assets, [*common, "train.grad_accum=1"], run="a1"))
     four = train(compose_cfg(tmp_path, assets, [*common, "train.grad_accum=4"], run="a4"))
     torch.testing.assert_close(torch.tensor(four["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
-    m1 = load_gpt(tmp_path / "a1" / "checkpoints" / "ckpt-00000003.pt", prefer_ema=False)
-    m4 = load_gpt(tmp_path / "a4" / "checkpoints" / "ckpt-00000003.pt", prefer_ema=False)
-    for (k, v1), v4 in zip(m1.state_dict().items(), m4.state_dict().values(), strict=True):
-        torch.testing.assert_close(v4, v1, rtol=1e-4, atol=1e-6, msg=k)
+    _assert_same_weights(tmp_path / "a4" / "checkpoints" / "ckpt-00000003.pt",
+                         tmp_path / "a1" / "checkpoints" / "ckpt-00000003.pt")
 
 
 def test_two_processes_equal_one_process_with_double_batch(tmp_path, assets):
     """torchrun x 2 (gloo, per-process batch 4) vs 1 process with batch 8: same parameters."""
-    common = [f"tokenizer.checkpoint={assets['tokenizer']}", f"data.codes={assets['codes']}", "model=gpt_nano",
-              "train=cpu", "logger=none", *BASE, *NO_DROPOUT, "train.steps=4",
-              f"paths.root={tmp_path}", f"paths.artifacts={tmp_path / 'artifacts'}"]
+    common = _cli_overrides(tmp_path, assets, *NO_DROPOUT, "train.steps=4")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                         "29533", str(REPO / "train.py"), *common, f"hydra.run.dir={tmp_path / 'ddp'}"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     train(compose_cfg(tmp_path, assets, [*BASE, *NO_DROPOUT, "train.steps=4"], run="single"))
-    a = load_gpt(tmp_path / "ddp" / "checkpoints" / "ckpt-00000004.pt", prefer_ema=False)
-    b = load_gpt(tmp_path / "single" / "checkpoints" / "ckpt-00000004.pt", prefer_ema=False)
-    assert load_training_checkpoint(tmp_path / "ddp" / "checkpoints" / "ckpt-00000004.pt")["config"]["train"][
-        "global_batch_size"] == 8
-    for (k, v1), v2 in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-6, msg=k)
+    ddp = tmp_path / "ddp" / "checkpoints" / "ckpt-00000004.pt"
+    assert load_training_checkpoint(ddp)["config"]["train"]["global_batch_size"] == 8
+    _assert_same_weights(ddp, tmp_path / "single" / "checkpoints" / "ckpt-00000004.pt")
 
 
 def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, assets, monkeypatch):
@@ -197,9 +201,7 @@ def test_in_training_fid_grids_and_acceleration_are_logged(tmp_path, assets, mon
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, assets):
     """Cluster pre-emption: SIGTERM -> checkpoint at the current step, exit code 0; rerun finishes the run."""
-    args = [f"tokenizer.checkpoint={assets['tokenizer']}", f"data.codes={assets['codes']}", "model=gpt_nano",
-            "train=cpu", "logger=none", *BASE, "train.steps=100000", "train.ckpt_every=1000",
-            f"paths.root={tmp_path}", f"paths.artifacts={tmp_path / 'artifacts'}"]
+    args = _cli_overrides(tmp_path, assets, "train.steps=100000", "train.ckpt_every=1000")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "term"
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
@@ -238,9 +240,8 @@ def test_ema_warms_up_so_short_runs_are_not_the_initialisation():
 
 def test_fsdp_two_processes_with_resume_match_one_process(tmp_path, assets):
     """FSDP2 (gloo, 2 ranks), interrupted after 2 steps and resumed, ends where 1 process x 8 does after 4."""
-    common = [f"tokenizer.checkpoint={assets['tokenizer']}", f"data.codes={assets['codes']}", "model=gpt_nano",
-              "train=cpu", "logger=none", *BASE, *NO_DROPOUT, "train.distributed=fsdp", "train.steps=4",
-              f"paths.root={tmp_path}", f"paths.artifacts={tmp_path / 'artifacts'}", f"hydra.run.dir={tmp_path / 'f'}"]
+    common = _cli_overrides(tmp_path, assets, *NO_DROPOUT, "train.distributed=fsdp", "train.steps=4",
+                            f"hydra.run.dir={tmp_path / 'f'}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for i, extra in enumerate((["train.stop_after=2"], [])):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -250,10 +251,8 @@ def test_fsdp_two_processes_with_resume_match_one_process(tmp_path, assets):
     assert [s for s, _ in list_checkpoints(tmp_path / "f" / "checkpoints")] == [2, 4]
     train(compose_cfg(tmp_path, assets, [*BASE, *NO_DROPOUT, "train.steps=4"], run="one"))
     for ema in (False, True):
-        a = load_gpt(tmp_path / "f" / "checkpoints" / "ckpt-00000004.pt", prefer_ema=ema)
-        b = load_gpt(tmp_path / "one" / "checkpoints" / "ckpt-00000004.pt", prefer_ema=ema)
-        for (k, v1), v2 in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-            torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-6, msg=k)
+        _assert_same_weights(tmp_path / "f" / "checkpoints" / "ckpt-00000004.pt",
+                             tmp_path / "one" / "checkpoints" / "ckpt-00000004.pt", prefer_ema=ema)
 
 
 def test_cli_user_errors_are_one_line(tmp_path, assets):
