@@ -33,6 +33,16 @@ def sample_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tenso
     raise ValueError(f"labels={mode!r}; use 'balanced' or 'random'")
 
 
+@torch.no_grad()
+def sample_images(model, vocab: Vocabulary, vq, labels: torch.Tensor, sampling: SamplingConfig,
+                  generator: torch.Generator, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """Labels -> model ids -> fine tokens (the head's member decoder) -> decoded uint8 images (B, H, W, 3)."""
+    side = math.isqrt(model.config.block_size)
+    ids = generate(model, labels, sampling=sampling, generator=generator, dtype=dtype)
+    tokens = vocab.decode(ids.cpu(), generator=generator).to(ids.device)
+    return to_uint8(vq.decode_code(tokens.reshape(-1, side, side)))
+
+
 def _heldout(name: str | None) -> str | None:
     """The split a sample set is scored against by default: the dataset's held-out images."""
     from masc_llamagen.data.images import heldout_split
@@ -84,17 +94,13 @@ def sample(cfg: DictConfig) -> dict:
     out = Path(cfg.out_dir) if cfg.out_dir else (
         run_dir / "samples" / f"{ck_path.stem}-cfg{cfg.cfg_scale:g}-{vocab.decoder if not vocab.is_flat else 'flat'}")
     out.mkdir(parents=True, exist_ok=True)
-    side = math.isqrt(model.config.block_size)
     images = {}
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(mine), cfg.batch_size), disable=not acc.is_main_process, desc="sample"):
         idx = mine[start : start + cfg.batch_size]
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(idx[0]))  # depends on the sample, not the rank
-        ids = generate(model, labels[idx], sampling=sc, generator=g, dtype=dtype)
-        tokens = vocab.decode(ids.cpu(), generator=g).to(acc.device)
-        with torch.no_grad():
-            imgs = to_uint8(vq.decode_code(tokens.reshape(-1, side, side)))
+        imgs = sample_images(model, vocab, vq, labels[idx], sc, g, dtype)
         for i, img in zip(idx.tolist(), imgs, strict=True):
             images[i] = img
             if cfg.png:

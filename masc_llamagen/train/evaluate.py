@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +11,9 @@ from omegaconf import DictConfig
 from masc_llamagen.checkpoint import load_vq
 from masc_llamagen.masc.heads import Vocabulary
 from masc_llamagen.models.gpt import GPT
-from masc_llamagen.models.sampling import SamplingConfig, generate
+from masc_llamagen.models.sampling import SamplingConfig
 from masc_llamagen.train.ema import EMA
-from masc_llamagen.train.images import save_grid, to_uint8
+from masc_llamagen.train.images import save_grid
 
 
 class TrainingSampler:
@@ -43,16 +42,14 @@ class TrainingSampler:
 
     @torch.no_grad()
     def images(self, model: GPT, labels: torch.Tensor, seed: int, batch: int = 100) -> np.ndarray:
+        from masc_llamagen.sample import sample_images
+
         sc = SamplingConfig(cfg_scale=self.cfg.train.sample_cfg_scale)
-        side = math.isqrt(model.config.block_size)
-        out = []
         vq = self.vq.to(model.output.weight.device)
-        for s in range(0, len(labels), batch):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + s)
-            ids = generate(model, labels[s : s + batch], sampling=sc, generator=g)
-            tokens = self.vocab.decode(ids.cpu(), generator=g).to(ids.device)
-            out.append(to_uint8(vq.decode_code(tokens.reshape(-1, side, side))))
-        return np.concatenate(out)
+        return np.concatenate([
+            sample_images(model, self.vocab, vq, labels[s : s + batch], sc,
+                          torch.Generator().manual_seed(seed * 1_000_003 + s))
+            for s in range(0, len(labels), batch)])
 
     def grid(self, raw: GPT, ema: EMA | None, step: int) -> Path:
         model = self._model(raw, ema)
