@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup test test-all lint parity train bench bench-sampling bench-tree bench-train-step clean
+.PHONY: setup test test-all lint parity train bench bench-quick bench-sampling bench-tree bench-train-step clean
 
 setup: $(STAMP)
 
@@ -35,7 +35,14 @@ parity: setup
 train: setup
 	$(PY) -m masc_llamagen.pipeline $(ARGS)
 
-bench: bench-sampling bench-tree bench-train-step
+# Speed/memory benchmarks and the seeded convergence study (flat vs MASC vs k-means vs random, FID) -> docs/benchmarks.md.
+# About 2 hours on 2 CPU cores from scratch; reruns skip what is already built or scored.
+bench: setup
+	$(PY) benchmarks/run.py $(ARGS)
+
+# The same pipeline reduced to minutes (own small tokenizer, one seed, FID on 250 samples) -> artifacts/bench/quick/.
+bench-quick: setup
+	$(PY) benchmarks/run.py --quick $(ARGS)
 
 bench-sampling: setup
 	$(PY) benchmarks/bench_sampling.py
