@@ -284,15 +284,25 @@ def run_arm(plan_name: str, arm: Arm, seed: int, root: str) -> dict:
     return res
 
 
+def reference_features(plan: Plan, cfg, fe=None):
+    """(npz, Inception features) of the held-out reference images, cached under artifacts/fid."""
+    from masc_llamagen.data.images import heldout_split
+    from masc_llamagen.eval.fid import InceptionFeatures
+    from masc_llamagen.eval.metrics import dataset_reference_npz
+
+    cache = Path(cfg.paths.artifacts) / "fid"
+    npz = dataset_reference_npz(cfg.data.name, heldout_split(cfg.data.name), image_size=cfg.data.image_size,
+                                limit=plan.fid_reference, cache=cache)
+    return npz, (fe or InceptionFeatures(batch_size=100)).cached(npz, cache=cache)
+
+
 def evaluate_checkpoint(plan: Plan, cfg, ck: Path, decoders: list[str], mappings: dict, seed: int, root: Path,
                         grid: Path) -> dict:
     import numpy as np
     import torch
 
     from masc_llamagen.checkpoint import load_gpt, load_vq
-    from masc_llamagen.data.images import heldout_split
     from masc_llamagen.eval.fid import InceptionFeatures, frechet_distance
-    from masc_llamagen.eval.metrics import dataset_reference_npz
     from masc_llamagen.masc.heads import bits, marginal_coarse_nll
     from masc_llamagen.models.sampling import SamplingConfig, generate
     from masc_llamagen.report import class_grid
@@ -340,10 +350,8 @@ def evaluate_checkpoint(plan: Plan, cfg, ck: Path, decoders: list[str], mappings
     g = torch.Generator().manual_seed(20_000 + seed)
     ids = torch.cat([generate(model, cls[s : s + 250], sampling=sc, generator=g) for s in range(0, n, 250)])
     out["sample_s"] = round(time.perf_counter() - t0, 1)
-    ref_npz = dataset_reference_npz(cfg.data.name, heldout_split(cfg.data.name), image_size=cfg.data.image_size,
-                                    limit=plan.fid_reference, cache=Path(cfg.paths.artifacts) / "fid")
     fe = InceptionFeatures(batch_size=100)
-    ref = fe.cached(ref_npz, cache=Path(cfg.paths.artifacts) / "fid")
+    ref_npz, ref = reference_features(plan, cfg, fe)
     side = math.isqrt(model.config.block_size)
     out["fid"] = {}
     for d in decoders:
@@ -387,13 +395,19 @@ def run_plan(plan_name: str, root: Path, workers: int = 2, log=print) -> dict:
     t1 = time.perf_counter()
     for tok in plan.tokenizers:
         coarse_mappings(plan, tok.name, root)
-    timings["mappings_s"] = round(time.perf_counter() - t1, 1)
+    # ... and the reference features, once, before two workers could both miss the cache
+    reference_features(plan, compose(["experiment=cpu_default", *tokenizer_overrides(plan.tokenizers[0], root)],
+                                     root / "scratch"))
+    timings["mappings_and_reference_s"] = round(time.perf_counter() - t1, 1)
 
     t2 = time.perf_counter()
-    jobs = [(arm, seed) for seed in plan.seeds for arm in plan.arms]
-    # Most expensive first (larger vocabularies, more FIDs), so the last worker is not left with a long job alone.
-    jobs.sort(key=lambda j: -(len(plan.evals(j[0])) * 3 + (j[0].k or next(
-        t.codebook_size for t in plan.tokenizers if t.name == j[0].tokenizer)) / 1024))
+    # Seed by seed (an interrupted study still has every arm at the first seeds), the most expensive runs first
+    # within a seed (more FIDs, larger vocabularies) so no worker is left alone with a long one at the end.
+    def cost(arm: Arm) -> float:
+        return len(plan.evals(arm)) * 3 + (arm.k or next(t.codebook_size for t in plan.tokenizers
+                                                          if t.name == arm.tokenizer)) / 1024
+
+    jobs = [(arm, seed) for seed in plan.seeds for arm in sorted(plan.arms, key=cost, reverse=True)]
     results, failed = [], []
     with _pool(workers) as pool:
         futs = {pool.submit(run_arm, plan.name, arm, seed, str(root)): (arm, seed) for arm, seed in jobs}

@@ -485,9 +485,9 @@ def write_report(plan, root: Path, out: Path, speed: dict, command: str, n_repla
         "",
         f"- Tokenizers and codes: {timings.get('tokenizers_codes_s', '-')} s (skipped where already built: "
         + ", ".join(f"`{k}` {'reused' if v['report'].get('skipped') else 'trained'}, tokenizer training "
-                    f"{v['report'].get('wall_time_s')} s" for k, v in toks.items()) + "); trees and mappings "
-        f"{timings.get('mappings_s', '-')} s; training + scoring {timings.get('runs_s', '-')} s on "
-        f"{summary.get('workers', '-')} single-threaded workers.",
+                    f"{v['report'].get('wall_time_s')} s" for k, v in toks.items())
+        + f"); trees, mappings and reference features {timings.get('mappings_and_reference_s', '-')} s; training "
+        f"+ scoring {timings.get('runs_s', '-')} s on {summary.get('workers', '-')} single-threaded workers.",
         f"- Per run: training {_ms([r['train_wall_s'] for r in results])} s; per FID Inception "
         f"{_ms([v for r in results for e in r['evals'] for k, v in e.items() if k.startswith('inception_s')])} s, "
         f"sampling {_ms([e['sample_s'] for r in results for e in r['evals']])} s.",
