@@ -157,6 +157,11 @@ def compose(overrides: list[str], run_dir: Path):
     return cfg
 
 
+def tokenizer_cfg(tok: Tokenizer, root: Path):
+    """The default training config on this tokenizer: where its checkpoint, codes and data settings are."""
+    return compose(["experiment=cpu_default", *tokenizer_overrides(tok, root)], root / "scratch")
+
+
 def run_dir(root: Path, arm: Arm, seed: int) -> Path:
     return root / "runs" / arm.tokenizer / arm.label / f"seed{seed}"
 
@@ -175,7 +180,7 @@ def build_tokenizer(plan: Plan, tok: Tokenizer, root: Path) -> dict:
                                rfid_images=500)["tokenizer"].get("skipped")
     else:
         skipped = _build_small_tokenizer(tok, root)
-    cfg = compose(["experiment=cpu_default", *tokenizer_overrides(tok, root)], root / "scratch")
+    cfg = tokenizer_cfg(tok, root)
     heldout = heldout_codes(cfg, plan.heldout_codes, root)
     report = json.loads(Path(str(cfg.tokenizer.checkpoint) + ".json").read_text())
     return {"tokenizer": tok.name, "wall_s": round(time.perf_counter() - t0, 1), "heldout": str(heldout),
@@ -259,8 +264,6 @@ def run_arm(plan_name: str, arm: Arm, seed: int, root: str) -> dict:
     from masc_llamagen.train.loop import train
 
     cfg = compose(train_overrides(plan, arm, seed, root), rd)
-    with __import__("omegaconf").open_dict(cfg):
-        cfg.train.resume = True
     t0 = time.perf_counter()
     out = train(cfg)
     train_s = time.perf_counter() - t0
@@ -396,8 +399,7 @@ def run_plan(plan_name: str, root: Path, workers: int = 2, log=print) -> dict:
     for tok in plan.tokenizers:
         coarse_mappings(plan, tok.name, root)
     # ... and the reference features, once, before two workers could both miss the cache
-    reference_features(plan, compose(["experiment=cpu_default", *tokenizer_overrides(plan.tokenizers[0], root)],
-                                     root / "scratch"))
+    reference_features(plan, tokenizer_cfg(plan.tokenizers[0], root))
     timings["mappings_and_reference_s"] = round(time.perf_counter() - t1, 1)
 
     t2 = time.perf_counter()

@@ -267,8 +267,7 @@ def cluster_table(plan, root: Path, n_images: int) -> tuple[str, dict]:
     sizes = {}
     for tok in plan.tokenizers:
         maps = convergence.coarse_mappings(plan, tok.name, root)
-        cfg = convergence.compose(["experiment=cpu_default", *convergence.tokenizer_overrides(tok, root)],
-                                  root / "scratch")
+        cfg = convergence.tokenizer_cfg(tok, root)
         vq = load_vq(cfg.tokenizer.checkpoint).eval()
         ds = build_image_dataset(cfg.data.name, heldout_split(cfg.data.name), image_size=cfg.data.image_size)
         images = torch.stack([ds[i][0] for i in range(min(n_images, len(ds)))])
