@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import subprocess
 import sys
 import time
@@ -29,17 +26,8 @@ from masc_llamagen.models.gpt import GPT, gpt_config
 from masc_llamagen.models.sampling import SamplingConfig, generate
 
 HERE = Path(__file__).resolve()
-
-
-def _mem_mib(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+sys.path.insert(0, str(HERE.parent))
+from measure import machine, peak_mib, sync  # noqa: E402
 
 
 def make_model(arch: str, vocab: int, grid: int, device: str) -> GPT:
@@ -53,10 +41,10 @@ def time_generate(model, labels, n, sc, use_cache, repeats, dtype):
     times = []
     for r in range(repeats + 1):  # first run warms up allocators and kernels
         gen = torch.Generator(device=device).manual_seed(r)
-        _sync(device.type)
+        sync(device.type)
         t0 = time.perf_counter()
         generate(model, labels, n, sc, generator=gen, use_cache=use_cache, dtype=dtype)
-        _sync(device.type)
+        sync(device.type)
         times.append(time.perf_counter() - t0)
     return min(times[1:])
 
@@ -69,11 +57,11 @@ def worker(args, cfg_scale: float, use_cache: bool) -> dict:
     del tiny
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    base = _mem_mib(args.device)
+    base = peak_mib(args.device)
     model = make_model(args.model, args.vocab, args.grid, args.device)
     labels = torch.arange(args.batch, device=args.device) % 10
     t = time_generate(model, labels, args.grid**2, sc, use_cache, args.repeats, dtype)
-    return {"seconds": t, "params": model.num_params(), "peak_mib": _mem_mib(args.device) - base, "baseline_mib": base}
+    return {"seconds": t, "params": model.num_params(), "peak_mib": peak_mib(args.device) - base, "baseline_mib": base}
 
 
 def run(args, cfg_scale: float, use_cache: bool) -> dict:
@@ -84,12 +72,6 @@ def run(args, cfg_scale: float, use_cache: bool) -> dict:
     if res.returncode != 0:
         raise SystemExit(f"worker cfg={cfg_scale} use_cache={use_cache} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def machine(device: str) -> dict:
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    return {"processor": platform.processor(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device, "device_name": name}
 
 
 def main(argv=None) -> None:

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import resource
 import subprocess
 import sys
 import time
@@ -30,17 +27,8 @@ import torch.nn.functional as F
 from masc_llamagen.models.gpt import GPT, gpt_config
 
 HERE = Path(__file__).resolve()
-
-
-def _mem_mib(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+sys.path.insert(0, str(HERE.parent))
+from measure import machine, peak_mib, sync  # noqa: E402
 
 
 def train_steps(arch: str, vocab: int, batch: int, grid: int, steps: int, device: str) -> tuple[list[float], int]:
@@ -51,13 +39,13 @@ def train_steps(arch: str, vocab: int, batch: int, grid: int, steps: int, device
     labels = torch.randint(0, 10, (batch,), device=device)
     times = []
     for i in range(steps + 2):  # two warm-up steps: allocator, kernels and AdamW state
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         logits, _ = model(tokens[:, :-1], labels)
         F.cross_entropy(logits.reshape(-1, vocab), tokens.reshape(-1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         if i >= 2:
             times.append(time.perf_counter() - t0)
     return times, model.num_params()
@@ -67,10 +55,10 @@ def worker(arch: str, vocab: int, batch: int, grid: int, steps: int, device: str
     train_steps("GPT-nano", 16, 1, 2, 0, device)  # pages in lazily loaded kernels (~170 MiB RSS) before the baseline
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    base = _mem_mib(device)
+    base = peak_mib(device)
     times, params = train_steps(arch, vocab, batch, grid, steps, device)
     times.sort()
-    return {"step_s": times[len(times) // 2], "params": params, "peak_mib": _mem_mib(device) - base,
+    return {"step_s": times[len(times) // 2], "params": params, "peak_mib": peak_mib(device) - base,
             "baseline_mib": base}
 
 
@@ -81,12 +69,6 @@ def run(args, vocab: int) -> dict:
     if res.returncode != 0:
         raise SystemExit(f"worker vocab={vocab} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def machine(device: str) -> dict:
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    return {"processor": platform.processor(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device, "device_name": name}
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,27 @@
+"""What the speed benchmarks share: peak memory, device sync and the machine description in their JSON."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+
+import torch
+
+
+def peak_mib(device: str) -> float:
+    """Peak so far: tensors on CUDA (max_memory_allocated), the whole process's RSS on CPU (ru_maxrss)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def machine(device: str) -> dict:
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    return {"processor": platform.processor(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device, "device_name": name}
