@@ -27,7 +27,7 @@ from masc_llamagen.models.sampling import SamplingConfig, generate
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from measure import machine, peak_mib, sync  # noqa: E402
+from measure import machine, peak_mib, resolve_device, sync  # noqa: E402
 
 
 def make_model(arch: str, vocab: int, grid: int, device: str) -> GPT:
@@ -89,10 +89,7 @@ def main(argv=None) -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: torch.cuda.is_available() is False")
+    args.device = resolve_device(ap, args.device)
     if args.grid is None:
         args.grid = 8 if args.quick else 16
     if args.repeats is None:

@@ -28,7 +28,7 @@ from masc_llamagen.models.gpt import GPT, gpt_config
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from measure import machine, peak_mib, sync  # noqa: E402
+from measure import machine, peak_mib, resolve_device, sync  # noqa: E402
 
 
 def train_steps(arch: str, vocab: int, batch: int, grid: int, steps: int, device: str) -> tuple[list[float], int]:
@@ -84,10 +84,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", help="also write machine, arguments and rows here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: torch.cuda.is_available() is False")
+    args.device = resolve_device(ap, args.device)
     if args.steps is None:
         args.steps = 5 if args.quick else 20
     if args.worker:

@@ -14,6 +14,7 @@ JSONs into docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -287,16 +288,23 @@ def run_arm(plan_name: str, arm: Arm, seed: int, root: str) -> dict:
     return res
 
 
-def reference_features(plan: Plan, cfg, fe=None):
+@functools.lru_cache(maxsize=1)
+def inception():
+    """One Inception per process: loading it takes seconds, and a worker scores many checkpoints."""
+    from masc_llamagen.eval.fid import InceptionFeatures
+
+    return InceptionFeatures(batch_size=100)
+
+
+def reference_features(plan: Plan, cfg):
     """(npz, Inception features) of the held-out reference images, cached under artifacts/fid."""
     from masc_llamagen.data.images import heldout_split
-    from masc_llamagen.eval.fid import InceptionFeatures
     from masc_llamagen.eval.metrics import dataset_reference_npz
 
     cache = Path(cfg.paths.artifacts) / "fid"
     npz = dataset_reference_npz(cfg.data.name, heldout_split(cfg.data.name), image_size=cfg.data.image_size,
                                 limit=plan.fid_reference, cache=cache)
-    return npz, (fe or InceptionFeatures(batch_size=100)).cached(npz, cache=cache)
+    return npz, inception().cached(npz, cache=cache)
 
 
 def evaluate_checkpoint(plan: Plan, cfg, ck: Path, decoders: list[str], mappings: dict, seed: int, root: Path,
@@ -305,7 +313,7 @@ def evaluate_checkpoint(plan: Plan, cfg, ck: Path, decoders: list[str], mappings
     import torch
 
     from masc_llamagen.checkpoint import load_gpt, load_vq
-    from masc_llamagen.eval.fid import InceptionFeatures, frechet_distance
+    from masc_llamagen.eval.fid import frechet_distance
     from masc_llamagen.masc.heads import bits, marginal_coarse_nll
     from masc_llamagen.models.sampling import SamplingConfig, generate
     from masc_llamagen.report import class_grid
@@ -353,8 +361,8 @@ def evaluate_checkpoint(plan: Plan, cfg, ck: Path, decoders: list[str], mappings
     g = torch.Generator().manual_seed(20_000 + seed)
     ids = torch.cat([generate(model, cls[s : s + 250], sampling=sc, generator=g) for s in range(0, n, 250)])
     out["sample_s"] = round(time.perf_counter() - t0, 1)
-    fe = InceptionFeatures(batch_size=100)
-    ref_npz, ref = reference_features(plan, cfg, fe)
+    fe = inception()
+    ref_npz, ref = reference_features(plan, cfg)
     side = math.isqrt(model.config.block_size)
     out["fid"] = {}
     for d in decoders:

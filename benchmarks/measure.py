@@ -25,3 +25,12 @@ def machine(device: str) -> dict:
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     return {"processor": platform.processor(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device, "device_name": name}
+
+
+def resolve_device(ap, choice: str) -> str:
+    """--device auto|cpu|cuda -> cpu or cuda; asking for CUDA where there is none is a usage error."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch.cuda.is_available() is False")
+    return choice
