@@ -90,6 +90,7 @@ class TrainSchema:
     eval_reference: int = 1000  # held-out real images (features cached once per dataset and size)
     eval_feature_layer: str = "2048"  # Inception layer; only 2048 gives FIDs comparable with published ones
     baseline_curve: str | None = None  # a baseline run's metrics.jsonl: logs acceleration so far
+    peak_tflops: float | None = None  # dense bf16 peak per device for MFU; default: looked up by GPU name
     stop_after: int | None = None  # leave after this many steps in this invocation (cluster time slices)
     resume: bool = True  # continue from the newest checkpoint in the run directory
 

@@ -43,6 +43,9 @@ class GPTConfig:
     cls_token_num: int = 1
     block_size: int = 256
     zero_init_head: bool = True  # LlamaGen zero-inits its head; MASC's coarse heads use N(0, 0.02)
+    # The null-class row CFG samples with. None: upstream's rule (present iff class_dropout_prob > 0), which the
+    # released files follow; our training sets True, so CFG never depends on a dropout setting.
+    null_class: bool | None = None
 
     def __post_init__(self) -> None:
         if self.model_type != "c2i":
@@ -56,8 +59,14 @@ class GPTConfig:
             raise ValueError(f"block_size={self.block_size} must be a square (grid side^2), e.g. 256 for 16x16")
         if self.vocab_size < 1 or self.num_classes < 1:
             raise ValueError(f"vocab_size ({self.vocab_size}) and num_classes ({self.num_classes}) must be >= 1")
+        if self.null_class is False and self.class_dropout_prob > 0:
+            raise ValueError("class dropout swaps in the null class: null_class=False needs class_dropout_prob=0")
         if self.cls_token_num != 1:
             raise ValueError("cls_token_num must be 1 for class-conditional models")
+
+    @property
+    def has_null_class(self) -> bool:
+        return self.class_dropout_prob > 0 if self.null_class is None else bool(self.null_class)
 
     @property
     def head_dim(self) -> int:
@@ -210,10 +219,10 @@ class TransformerBlock(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class table with one extra row (index num_classes) for the null class used by CFG."""
 
-    def __init__(self, num_classes: int, dim: int, dropout_prob: float):
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float, null_class: bool):
         super().__init__()
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
+        self.embedding_table = nn.Embedding(num_classes + int(null_class), dim)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         if self.training and self.dropout_prob > 0:
@@ -226,7 +235,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
-        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
+        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob, cfg.has_null_class)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))

@@ -40,6 +40,18 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def last_good_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint that loads and whose model weights are all finite (what a failure message offers)."""
+    for _, p in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            sd = read_checkpoint(p).get("model") or {}
+        except CheckpointError:
+            continue
+        if all(torch.isfinite(v).all() for v in sd.values() if torch.is_tensor(v) and v.is_floating_point()):
+            return p
+    return None
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,15 +19,19 @@ from masc_llamagen.train.images import save_grid
 class TrainingSampler:
     """Holds the tokenizer's decoder and a scratch model that receives the EMA weights before each use."""
 
-    def __init__(self, cfg: DictConfig, vocab: Vocabulary, run_dir: Path):
+    def __init__(self, cfg: DictConfig, vocab: Vocabulary, run_dir: Path, resumed_at: int = 0):
+        """``resumed_at``: a resumed run's FID curve continues from the points its earlier invocations logged."""
+        from masc_llamagen.eval.acceleration import load_curve
+
         self.cfg, self.vocab, self.run_dir = cfg, vocab, run_dir
         self._vq = None
         self.fid_curve: list[tuple[float, float]] = []
-        self._baseline = None
-        if cfg.train.baseline_curve:
-            from masc_llamagen.eval.acceleration import load_curve
-
-            self._baseline = load_curve(cfg.train.baseline_curve)
+        if resumed_at and (run_dir / "metrics.jsonl").is_file():
+            try:
+                self.fid_curve = [(s, f) for s, f in load_curve(run_dir / "metrics.jsonl") if s <= resumed_at]
+            except ValueError:  # no FID logged yet
+                pass
+        self._baseline = load_curve(cfg.train.baseline_curve) if cfg.train.baseline_curve else None
 
     @property
     def vq(self):

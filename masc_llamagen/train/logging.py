@@ -12,8 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 class MetricLogger:
     """One object for every backend; only rank 0 writes. Metrics also go to ``metrics.jsonl`` in the run dir."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, main: bool):
+    def __init__(self, cfg: DictConfig, run_dir: Path, main: bool, resumed_at: int | None = None):
+        """``resumed_at``: the step a resumed run continues from; what an interrupted invocation logged after
+        its last checkpoint is about to be trained again, so those rows are dropped instead of duplicated."""
         self.main, self.kind, self.run = main, cfg.logger.kind, None
+        if main and resumed_at is not None:
+            _truncate_jsonl(run_dir / "metrics.jsonl", resumed_at)
         self.jsonl = open(run_dir / "metrics.jsonl", "a") if main else None  # noqa: SIM115 - closed in close()
         if not main or self.kind == "none":
             return
@@ -72,6 +76,21 @@ class MetricLogger:
                 self.run.finish()
             else:
                 self.run.close()
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(f"{x}\n" for x in kept))
+    os.replace(tmp, path)
 
 
 def _wandb_id(run_dir: Path) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from masc_llamagen.train.checkpointing import (
     atomic_save,
     capture_rng,
     checkpoint_path,
+    last_good_checkpoint,
     latest_checkpoint,
     load_training_checkpoint,
     prune,
@@ -83,10 +84,40 @@ def build_model(cfg: DictConfig, vocab: Vocabulary, grid: int, num_classes: int)
     gcfg = gpt_config(m.arch, vocab_size=vocab.vocab_size, block_size=grid, num_classes=num_classes,
                       token_dropout_p=m.token_dropout_p, resid_dropout_p=m.resid_dropout_p,
                       ffn_dropout_p=m.ffn_dropout_p, attn_dropout_p=m.attn_dropout_p,
-                      class_dropout_prob=m.class_dropout_prob, zero_init_head=vocab.is_flat)
+                      class_dropout_prob=m.class_dropout_prob, zero_init_head=vocab.is_flat,
+                      null_class=True)  # CFG (grids, FID, the sampler) needs it whatever the dropout
     model = GPT(gcfg)
     model.cls_embedding.dropout_prob = 0.0  # class dropout is drawn in the data pipeline (see batches.py)
     return model
+
+
+def prepare_model(acc: Accelerator, cfg: DictConfig, model: GPT, opt: torch.optim.Optimizer, ck: dict | None):
+    """Compile, wrap and place the model; then build the EMA from the *prepared* weights.
+
+    The EMA is made after ``acc.prepare`` so its shadows live on the prepared model's device and, under FSDP, carry
+    its sharding (each rank averages its own shard): a shadow made before would stay on the CPU. Compilation is
+    in place (``nn.Module.compile``), so state-dict keys carry no ``_orig_mod.`` prefix and checkpoints stay
+    loadable by ``load_gpt`` and strict resume. Returns ``(model, opt, raw, ema)``; ``raw`` is the unwrapped module.
+    """
+    t = cfg.train
+    if t.compile:
+        model.compile()
+    model, opt = acc.prepare(model, opt)
+    raw = acc.unwrap_model(model)
+    fsdp = t.distributed == "fsdp"
+    if fsdp and ck is not None:
+        from masc_llamagen.train.sharding import load_full_optimizer_state
+
+        load_full_optimizer_state(raw, opt, ck["optimizer"])
+    ema = EMA(raw, t.ema_decay) if t.ema else None
+    if ema is not None and ck is not None and "ema" in ck:
+        saved = {k: v for k, v in ck["ema"].items() if k in ema.shadow}
+        if fsdp:
+            from masc_llamagen.train.sharding import shard_like
+
+            saved = shard_like(saved, ema.shadow)
+        ema.load_state_dict(saved, ck.get("ema_updates", int(ck["step"])))
+    return model, opt, raw, ema
 
 
 def _prediction_entropy(logits: torch.Tensor) -> float:
@@ -94,6 +125,45 @@ def _prediction_entropy(logits: torch.Tensor) -> float:
     logp = torch.log_softmax(logits.float(), -1)
     h = -(logp.exp() * logp).sum(-1).mean().item()
     return h / math.log(logits.shape[-1])
+
+
+class _Throughput:
+    """Images and tokens per second over training time only: evaluation and checkpoint time is paused out.
+
+    On CUDA the clock is read after a device sync, and only where the loop syncs anyway (log steps) or is about to
+    do slow work (hooks), so it adds no per-step host sync.
+    """
+
+    def __init__(self, step: int):
+        self.last_step, self.busy = step, 0.0
+        self.last = time.perf_counter()
+
+    def rates(self, step: int, batch: int, tokens_per_image: int, device: torch.device) -> dict:
+        _sync(device)
+        now = time.perf_counter()
+        dt = max(now - self.last - self.busy, 1e-9)
+        steps = max(step - self.last_step, 1)
+        self.last, self.last_step, self.busy = now, step, 0.0
+        out = {"train/images_per_s": steps * batch / dt, "train/tokens_per_s": steps * batch * tokens_per_image / dt,
+               "train/step_time_s": dt / steps}
+        if device.type == "cuda":
+            out["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        return out
+
+    @contextmanager
+    def paused(self, device: torch.device):
+        _sync(device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(device)
+            self.busy += time.perf_counter() - t0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _Stop:
@@ -154,14 +224,17 @@ def train(cfg: DictConfig) -> dict:
         compare_mapping = vocabulary_from_config(masc_head, codebook, None, cache_dir)[0].mapping
     grid = int(np.prod(codes.grid))
     model = build_model(cfg, vocab, grid, codes.num_classes)
-    ema = EMA(model, t.ema_decay) if t.ema else None
+    if cfg.model.class_dropout_prob == 0 and t.sample_cfg_scale > 1 and (t.sample_every or t.eval_every) \
+            and acc.is_main_process:
+        print("warning: model.class_dropout_prob=0 never trains the null class, so the CFG of sample grids and "
+              "in-training FID (train.sample_cfg_scale>1) guides against an untrained embedding", flush=True)
 
     per_step = t.global_batch_size // acc.num_processes
     if t.global_batch_size % (acc.num_processes * t.grad_accum):
         raise TrainingError(f"train.global_batch_size={t.global_batch_size} must be divisible by processes "
                             f"({acc.num_processes}) x grad_accum ({t.grad_accum})")
     o = cfg.optim
-    opt = build_optimizer(model, o.lr, o.betas, o.eps, o.weight_decay)
+    opt = build_optimizer(model, o.lr, o.betas, o.eps, o.weight_decay, device=acc.device)
     sched = build_scheduler(opt, t.steps, o.schedule, o.warmup_steps, o.lr, o.final_lr)
 
     start, elapsed = 0, 0.0  # elapsed: training wall time of earlier invocations (for FID vs wall-clock)
@@ -178,25 +251,13 @@ def train(cfg: DictConfig) -> dict:
             opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start = int(ck["step"])
-        if ema is not None and "ema" in ck:
-            ema.load_state_dict({k: v for k, v in ck["ema"].items() if k in ema.shadow}, ck.get("ema_updates", start))
         elapsed = float(ck.get("elapsed_s", 0.0))
         per_rank = ck["rng"]
         if len(per_rank) == acc.num_processes:
             rng_state = per_rank[acc.process_index]
 
-    if t.compile:
-        model = torch.compile(model)
-    model, opt = acc.prepare(model, opt)
-    raw = acc.unwrap_model(model)
+    model, opt, raw, ema = prepare_model(acc, cfg, model, opt, ck if resume_from is not None else None)
     fsdp = t.distributed == "fsdp"
-    if fsdp:
-        from masc_llamagen.train.sharding import load_full_optimizer_state, shard_like
-
-        if ema is not None:  # the EMA follows the parameters' sharding: each rank averages its own shard
-            ema.shadow = shard_like(ema.shadow, raw.state_dict())
-        if resume_from is not None:
-            load_full_optimizer_state(raw, opt, ck["optimizer"])
     if rng_state is not None:
         restore_rng(rng_state)
 
@@ -212,13 +273,16 @@ def train(cfg: DictConfig) -> dict:
     if acc.is_main_process:
         write_run_info(run_dir, cfg, {"world_size": acc.num_processes, "n_params": n_params, **head_info,
                                       "resumed_from": str(resume_from) if resume_from else None})
-    logger = MetricLogger(cfg, run_dir, acc.is_main_process)
-    tokens_per_image = grid
+    logger = MetricLogger(cfg, run_dir, acc.is_main_process, resumed_at=start if resume_from is not None else None)
     fpt = flops_per_token(raw.config, n_params)
-    device_peak = peak_flops(acc.device)
+    device_peak = t.peak_tflops * 1e12 if t.peak_tflops else peak_flops(acc.device)
     peak = device_peak * acc.num_processes if device_peak else None
 
     def save(step: int) -> Path:
+        if not _weights_finite(raw, acc):
+            good = last_good_checkpoint(ckpt_dir)
+            raise TrainingError(f"the weights hold NaN/inf at step {step}; not saving them. Last good checkpoint: "
+                                f"{good or 'none'}. Lower optim.lr or check the data")
         rng_all = _gather_rng(acc)
         path = checkpoint_path(ckpt_dir, step)
         # Gathering full tensors is collective under FSDP: every rank takes part, rank 0 writes.
@@ -255,19 +319,35 @@ def train(cfg: DictConfig) -> dict:
         acc.wait_for_everyone()
         return path
 
-    sampler = TrainingSampler(cfg, vocab, run_dir)
+    sampler = TrainingSampler(cfg, vocab, run_dir, resumed_at=start)
     history: list[float] = []
+    pending: list[torch.Tensor] = []  # per-step global losses not yet read back: one host sync per log, not per step
     step = start
-    last_log = time.perf_counter()
-    last_log_step = start
     micro = per_step // t.grad_accum
     t_start = time.perf_counter()
+    meter = _Throughput(step)
     model.train()
     progress = _progress(acc.is_main_process, start, t.steps)
     stopped_early = False
+    single = acc.num_processes == 1
+
+    def drain() -> None:
+        """Read back the pending losses; stop before anything is saved if one is not finite."""
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()
+        first = step - len(pending) + 1
+        pending.clear()
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                good = last_good_checkpoint(ckpt_dir)
+                raise TrainingError(f"loss became {v} at step {first + i}; stopping. Last good checkpoint: "
+                                    f"{good or 'none'}. Lower optim.lr or check the data")
+        history.extend(values)
+
     with _Stop() as stop:
         for tokens, labels in loader:
-            tokens, labels = tokens.to(acc.device), labels.to(acc.device)
+            tokens, labels = tokens.to(acc.device, non_blocking=True), labels.to(acc.device, non_blocking=True)
             ids = vocab.encode(tokens)
             loss_sum = torch.zeros((), device=acc.device)
             last_logits = None
@@ -282,35 +362,28 @@ def train(cfg: DictConfig) -> dict:
                 last_logits = logits.detach()
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip) if cfg.optim.grad_clip > 0 \
                 else None
-            loss_global = acc.reduce(loss_sum, reduction="mean")
-            if not torch.isfinite(loss_global):
-                prev = latest_checkpoint(ckpt_dir)
-                raise TrainingError(f"loss became {loss_global.item()} at step {step + 1}; stopping. Last good "
-                                    f"checkpoint: {prev or 'none'}. Lower optim.lr or check the data")
+            pending.append(acc.reduce(loss_sum, reduction="mean"))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update(raw)
             step += 1
-            history.append(loss_global.item())
             progress.update(1)
-            if step % t.log_every == 0 or step == t.steps:
-                now = time.perf_counter()
-                dt = max(now - last_log, 1e-9)
-                imgs = (step - last_log_step) * t.global_batch_size
-                last_log, last_log_step = now, step
+            log_now = step % t.log_every == 0 or step == t.steps
+            save_now = step % t.ckpt_every == 0 or step == t.steps
+            if log_now:
+                drain()
+                metrics = meter.rates(step, t.global_batch_size, grid, acc.device)
                 with torch.no_grad():
                     target = tokens[-micro:]
                     fine = bits(vocab.fine_nll(last_logits, target).mean().item())
-                metrics = {
+                metrics.update({
                     "train/loss": history[-1],
                     "train/fine_nll_bits": fine,
                     "train/lr": sched.get_last_lr()[0],
-                    "train/images_per_s": imgs / dt,
-                    "train/tokens_per_s": imgs * tokens_per_image / dt,
                     "train/pred_entropy_norm": _prediction_entropy(last_logits),
-                }
+                })
                 if not vocab.is_flat:
                     metrics["train/coarse_ce_bits"] = bits(history[-1])
                 elif compare_mapping is not None:
@@ -320,27 +393,51 @@ def train(cfg: DictConfig) -> dict:
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)
                 if peak:
-                    metrics["train/mfu"] = imgs * tokens_per_image * fpt / dt / peak
+                    metrics["train/mfu"] = metrics["train/tokens_per_s"] * fpt / peak
                 logger.log(metrics, step)
                 progress.set_postfix(loss=f"{history[-1]:.4f}")
-            if t.sample_every and step % t.sample_every == 0 and acc.is_main_process:
-                logger.image("samples/grid", sampler.grid(raw, ema, step), step)
-            if t.eval_every and step % t.eval_every == 0:
-                if acc.is_main_process:
-                    logger.log(sampler.fid(raw, ema, step, elapsed + time.perf_counter() - t_start), step)
-                acc.wait_for_everyone()
-            want_stop = stop.requested or (t.stop_after is not None and step - start >= t.stop_after)
-            want_stop = bool(acc.reduce(torch.tensor(float(want_stop), device=acc.device), reduction="sum") > 0)
-            if step % t.ckpt_every == 0 or step == t.steps or want_stop:
-                save(step)
+            want_stop = t.stop_after is not None and step - start >= t.stop_after  # the same on every rank
+            # A signal may reach one rank only: agree on it, but without a collective (and host sync) every step.
+            if single:
+                want_stop = want_stop or stop.requested
+            elif log_now or save_now:
+                flag = torch.tensor(float(stop.requested), device=acc.device)
+                want_stop = want_stop or bool(acc.reduce(flag, reduction="sum") > 0)
+            hooks = (t.sample_every and step % t.sample_every == 0) or (t.eval_every and step % t.eval_every == 0) \
+                or save_now or want_stop
+            if not hooks:
+                continue
+            with meter.paused(acc.device):  # evaluation and checkpoints do not count as training time
+                if t.sample_every and step % t.sample_every == 0 and acc.is_main_process:
+                    logger.image("samples/grid", sampler.grid(raw, ema, step), step)
+                if t.eval_every and step % t.eval_every == 0:
+                    if acc.is_main_process:
+                        logger.log(sampler.fid(raw, ema, step, elapsed + time.perf_counter() - t_start), step)
+                    acc.wait_for_everyone()
+                if save_now or want_stop:
+                    drain()
+                    path = save(step)
+                    if want_stop and step < t.steps and acc.is_main_process:
+                        print(f"stopped at step {step} (signal or train.stop_after); saved {path}; rerun the same "
+                              "command to continue", flush=True)
             if want_stop and step < t.steps:
                 stopped_early = True
                 break
+    drain()
     progress.close()
     logger.close()
     return {"step": step, "losses": history, "run_dir": str(run_dir), "stopped_early": stopped_early,
             "checkpoint": str(latest_checkpoint(ckpt_dir)) if latest_checkpoint(ckpt_dir) else None,
             "resumed_from": str(resume_from) if resume_from else None}
+
+
+def _weights_finite(model: torch.nn.Module, acc: Accelerator) -> bool:
+    """Every rank checks its own (shard of the) parameters; all agree on the answer."""
+    bad = torch.zeros((), device=acc.device)
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        bad += (~torch.isfinite(local.detach())).any().float()
+    return float(acc.reduce(bad, reduction="sum")) == 0
 
 
 def _gather_rng(acc: Accelerator) -> list:

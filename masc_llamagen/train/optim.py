@@ -8,12 +8,15 @@ import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay: float,
+                    device: torch.device | None = None) -> torch.optim.AdamW:
+    """``device``: where the parameters will live once prepared (the optimizer is built before they move there);
+    fused AdamW on CUDA, one kernel for all tensors instead of a loop of small ones."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in model.parameters())
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+    cuda = (device.type if device is not None else next(model.parameters()).device.type) == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True if cuda else None)
 
 
 def lr_factor(step: int, total: int, schedule: str, warmup: int, lr: float, final_lr: float) -> float:

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import torch
 
-# Dense bf16 peak FLOP/s per device, for the MFU estimate; unknown devices report no MFU rather than a guess.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "4090": 165e12}
+# Dense (no sparsity) bf16 peak FLOP/s per device from the vendors' data sheets, for the MFU estimate. Most specific
+# name first: an "H100 PCIe" must not match the SXM entry. Unknown devices report no MFU rather than a guess
+# (``train.peak_tflops`` sets it by hand).
+PEAK_BF16 = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
+    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("RTX 6000 Ada", 364e12), ("A6000", 155e12), ("RTX 4090", 165e12), ("A10G", 70e12), ("L4", 121e12),
+)
+
+
+def peak_flops_for_name(name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16 if k in name), None)
 
 
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
 
 
 def flops_per_token(cfg, n_params: int) -> float:
