@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: setup
+	@scripts/ensure_data.sh
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: setup
@@ -33,6 +34,7 @@ parity: setup
 
 # The CPU-sized default job end to end: tokenizer, codes, tree, GPT (head=masc), samples, FID, report.
 train: setup
+	@scripts/ensure_data.sh
 	$(PY) -m masc_llamagen.pipeline $(ARGS)
 
 # Speed/memory benchmarks and the seeded convergence study (flat vs MASC vs k-means vs random, FID) -> docs/benchmarks.md.

@@ -254,8 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         ap.error(f"unknown stages {bad}; choose from {STAGES}")
-    run(args.overrides, stages, tuple(s for s in args.force.split(",") if s), args.samples, args.fid_reference,
-        args.vq, args.rfid_images)
+    from masc_llamagen.checkpoint import CheckpointError
+    from masc_llamagen.masc.heads import HeadError
+    from masc_llamagen.masc.tree import TreeError
+    from masc_llamagen.train.loop import TrainingError
+
+    try:
+        run(args.overrides, stages, tuple(s for s in args.force.split(",") if s), args.samples, args.fid_reference,
+            args.vq, args.rfid_images)
+    except (FileNotFoundError, CheckpointError, HeadError, TreeError, TrainingError) as e:
+        # A missing dataset, a wrong file, k out of range ...: one line that says what to do, no traceback.
+        raise SystemExit(f"error: {e}") from None
     return 0
 
 

@@ -65,7 +65,9 @@ def test_compiled_training_resumes_exactly_and_writes_plain_keys(tmp_path, asset
     full = train(compose_cfg(tmp_path, assets, over, run="full"))
     part = train(compose_cfg(tmp_path, assets, [*over, "train.stop_after=3"], run="cut"))
     rest = train(compose_cfg(tmp_path, assets, over, run="cut"))
-    assert part["losses"] + rest["losses"] == full["losses"]
+    # Inductor may regenerate (and re-fuse) kernels in a new invocation: equal to float rounding, not bit for bit
+    # (measured: 1 ulp at one step of six); the uncompiled loop is bit-exact (test_train.py).
+    torch.testing.assert_close(part["losses"] + rest["losses"], full["losses"], rtol=1e-6, atol=0)
     ck = load_training_checkpoint(tmp_path / "cut" / "checkpoints" / "ckpt-00000006.pt")
     assert not [k for k in [*ck["model"], *ck["ema"]] if "_orig_mod" in k]
     load_gpt(tmp_path / "cut" / "checkpoints" / "ckpt-00000006.pt")  # strict
@@ -188,3 +190,30 @@ def test_fid_curve_and_acceleration_continue_after_resume(tmp_path, assets, monk
     # the run reached the baseline's final FID (12) between steps 2 (50) and 4 (10): at 2 + 2 * 38/40 = 3.9
     assert evals[-1]["eval/acceleration"] == pytest.approx(1 - 3.9 / 6)
     assert [s for s, _ in list_checkpoints(tmp_path / "a" / "checkpoints")][-1] == 6
+
+
+def test_missing_default_dataset_is_one_line_with_the_command(tmp_path):
+    """`make train` on a fresh machine: the set-up script installs the dataset or names the command, no traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "apt-get"
+    fake.write_text("#!/bin/sh\nexit 100\n")  # a machine where the package cannot be installed
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+           "FASHION_MNIST_PROBE": str(tmp_path / "absent.gz"), "MASC_DATA": str(tmp_path / "data")}
+    r = subprocess.run(["bash", str(repo / "scripts" / "ensure_data.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert "apt-get install -y dataset-fashion-mnist" in r.stderr
+    # The pipeline itself, pointed at an empty data folder, fails in one line as well.
+    env = {**os.environ, "MASC_DATA": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    (tmp_path / "data" / "fashion_mnist").mkdir(parents=True)
+    r = subprocess.run([sys.executable, "-m", "masc_llamagen.pipeline", "--stages", "tokenizer",
+                        f"paths.artifacts={tmp_path / 'a'}"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
