@@ -49,6 +49,8 @@ def test_paper_presets_carry_the_paper_numbers():
     b = _compose(["experiment=paper_b_flat"])
     assert (b.head.name, b.optim.lr, b.optim.final_lr, b.train.global_batch_size) == ("flat", 1e-4, 1e-5, 256)
     assert b.train.sample_cfg_scale == 2.0 and xl.train.sample_cfg_scale == 2.5
+    # the paper's runs (and LlamaGen's trainer) keep no EMA; the project's default does
+    assert not xl.train.ema and not b.train.ema and _compose([]).train.ema
 
 
 def test_cli_override_beats_preset():
