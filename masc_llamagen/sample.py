@@ -2,27 +2,42 @@
 
     python -m masc_llamagen.sample checkpoint=PATH [num_samples=50000 cfg_scale=2.5 decoder=frequency ...]
 
-Runs on every process of an ``accelerate launch`` (each draws a disjoint, seeded share; rank 0 packs the npz). A
-``<npz>.json`` sidecar records the checkpoint, head, decoder, sampling settings and the training dataset, so
-``scripts/eval.sh`` can pick the right reference set.
+Runs on every process of an ``accelerate launch``: rank r samples the contiguous index range
+``[N r / W, N (r + 1) / W)`` and streams its images to ``shard-r.npz`` in the output directory (temp file, fsync,
+rename); rank 0 then streams the shards, one at a time, into ``samples.npz`` in index order and deletes them. No
+rank holds more than a batch of images. Sample ``i``'s randomness comes from its own generator seeded by
+``(seed, i)``, so the npz is the same whatever the batch size or number of processes (up to floating-point batch
+effects of the model). A ``<npz>.json`` sidecar records the checkpoint, head, decoder, sampling settings and the
+training dataset, so ``scripts/eval.sh`` can pick the right reference set.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from masc_llamagen.checkpoint import CheckpointError, load_gpt, load_vq
-from masc_llamagen.masc.heads import Vocabulary, build_vocabulary
-from masc_llamagen.models.sampling import SamplingConfig, generate
+from masc_llamagen.errors import user_errors
+from masc_llamagen.masc.heads import HeadError, Vocabulary, build_vocabulary
+from masc_llamagen.models.sampling import SamplingConfig, SamplingError, check_null_class, generate
+from masc_llamagen.sample_config import SampleConfig, register, validate
 from masc_llamagen.train.checkpointing import load_training_checkpoint
 from masc_llamagen.train.images import to_uint8
+
+register()  # sample.yaml lists the typed schema (base_sample) first in its defaults
+
+_MASK64 = (1 << 64) - 1
 
 
 def sample_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:
@@ -33,14 +48,183 @@ def sample_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tenso
     raise ValueError(f"labels={mode!r}; use 'balanced' or 'random'")
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The 64-bit seed of sample ``index``'s own generator: a hash of ``(seed, index)`` and of nothing else."""
+    return int(np.random.SeedSequence([seed & _MASK64, int(index)]).generate_state(1, np.uint64)[0])
+
+
+def sample_uniforms(seed: int, indices: torch.Tensor, num_tokens: int,
+                    device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample uniforms in [0, 1): (B, num_tokens) float64 for the token draws and (B, num_tokens) for the member
+    decoder. Row ``b`` comes from a CPU generator seeded by ``(seed, indices[b])`` (drawn on the CPU, where that
+    generator lives, then moved to ``device``), so it is the same on any device, batch or rank."""
+    gens = (torch.Generator().manual_seed(sample_seed(seed, i)) for i in torch.as_tensor(indices).reshape(-1).tolist())
+    rows = [torch.rand(2, num_tokens, dtype=torch.float64, generator=g) for g in gens]
+    u = torch.stack(rows, dim=1) if rows else torch.empty(2, 0, num_tokens, dtype=torch.float64)
+    u = u.to(device) if device is not None else u
+    return u[0], u[1]
+
+
+@torch.no_grad()
+def sample_tokens(model, vocab: Vocabulary, labels: torch.Tensor, sampling: SamplingConfig,
+                  seed: int | torch.Generator = 0, dtype: torch.dtype = torch.float32,
+                  indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Labels -> model ids -> fine tokens (B, block_size) on the model's device.
+
+    ``seed`` (int): sample ``indices[b]`` (default ``0..B-1``) draws from its own generator seeded by
+    ``(seed, indices[b])``, independent of the batch. A ``torch.Generator`` instead draws the whole batch's uniforms
+    from it, on the generator's device (batch-dependent; kept for older callers).
+    """
+    n = model.config.block_size
+    device = model.output.weight.device
+    if isinstance(seed, torch.Generator):
+        u = torch.rand(2, len(labels), n, generator=seed, dtype=torch.float64, device=seed.device).to(device)
+        tok_u, member_u = u[0], u[1]
+    else:
+        idx = torch.arange(len(labels)) if indices is None else torch.as_tensor(indices).reshape(-1)
+        if idx.numel() != len(labels):
+            raise SamplingError(f"{idx.numel()} sample indices for {len(labels)} labels; pass one index per label")
+        tok_u, member_u = sample_uniforms(int(seed), idx, n, device)
+    ids = generate(model, labels, n, sampling=sampling, dtype=dtype, uniforms=tok_u)
+    return vocab.decode(ids, uniforms=member_u)
+
+
 @torch.no_grad()
 def sample_images(model, vocab: Vocabulary, vq, labels: torch.Tensor, sampling: SamplingConfig,
-                  generator: torch.Generator, dtype: torch.dtype = torch.float32) -> np.ndarray:
-    """Labels -> model ids -> fine tokens (the head's member decoder) -> decoded uint8 images (B, H, W, 3)."""
+                  seed: int | torch.Generator = 0, dtype: torch.dtype = torch.float32,
+                  indices: torch.Tensor | None = None) -> np.ndarray:
+    """Labels -> fine tokens (``sample_tokens``, same ``seed``/``indices``) -> decoded uint8 images (B, H, W, 3)."""
     side = math.isqrt(model.config.block_size)
-    ids = generate(model, labels, sampling=sampling, generator=generator, dtype=dtype)
-    tokens = vocab.decode(ids.cpu(), generator=generator).to(ids.device)
+    tokens = sample_tokens(model, vocab, labels, sampling, seed, dtype, indices)
     return to_uint8(vq.decode_code(tokens.reshape(-1, side, side)))
+
+
+def share(n: int, rank: int, world: int) -> range:
+    """The contiguous index range process ``rank`` of ``world`` samples (sizes differ by at most one)."""
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _Rows:
+    """One ``.npy`` member of known shape, written a block of rows at a time; refuses too few or too many rows."""
+
+    def __init__(self, f, shape: tuple[int, ...], dtype: np.dtype):
+        self._f, self.shape, self.dtype, self.done = f, tuple(int(d) for d in shape), np.dtype(dtype), 0
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                 "fortran_order": False, "shape": self.shape})
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:] or self.done + rows.shape[0] > self.shape[0]:
+            raise RuntimeError(f"rows of shape {rows.shape} after {self.done} do not fit an array of {self.shape}")
+        self._f.write(rows.reshape(-1).view(np.uint8).data)
+        self.done += rows.shape[0]
+
+    def close(self) -> None:
+        if self.done != self.shape[0]:
+            raise RuntimeError(f"wrote {self.done} of {self.shape[0]} rows")
+        self._f.close()
+
+
+class _NpzWriter:
+    """An uncompressed ``.npz`` (what ``np.savez`` writes) built member by member, published atomically:
+    written to a temp file beside ``path``, fsynced, then renamed over it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._zip = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self._open: _Rows | None = None
+
+    def rows(self, name: str, shape: tuple[int, ...], dtype=np.uint8) -> _Rows:
+        self._open = _Rows(self._zip.open(f"{name}.npy", "w", force_zip64=True), shape, dtype)
+        return self._open
+
+    def add(self, name: str, arr: np.ndarray) -> None:
+        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+
+    def __enter__(self) -> _NpzWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # leave whatever was at path untouched, and no temp file behind
+            try:
+                if self._open is not None:
+                    self._open._f.close()
+                self._zip.close()
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
+            finally:
+                self._file.close()
+                self._tmp.unlink(missing_ok=True)
+            return
+        self._zip.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        _fsync_dir(self.path.parent)
+
+
+@contextmanager
+def _npy_member(path: Path, name: str) -> Iterator[tuple[tuple[int, ...], np.dtype, object]]:
+    """(shape, dtype, file positioned at the data) of one member of an npz, without reading the data."""
+    with zipfile.ZipFile(path) as z, z.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        if fortran:
+            raise RuntimeError(f"{path}: {name} is Fortran-ordered; not written by this sampler")
+        yield shape, dtype, f
+
+
+def _shard_path(out: Path, rank: int) -> Path:
+    return out / f"shard-{rank:05d}.npz"
+
+
+def _assemble(out: Path, world: int, n: int, labels: torch.Tensor, chunk_rows: int) -> tuple[int, ...]:
+    """Rank 0: stream every shard, one at a time and ``chunk_rows`` images at a time, into ``samples.npz``."""
+    shards, image_shape = [_shard_path(out, r) for r in range(world)], None
+    for r, path in enumerate(shards):
+        with np.load(path) as z:
+            lo, hi, total = (int(v) for v in z["meta"])
+        want = share(n, r, world)
+        if (lo, hi, total) != (want.start, want.stop, n):
+            raise RuntimeError(f"{path} holds samples {lo}..{hi} of {total}, expected {want.start}..{want.stop} of {n}")
+        if hi > lo and image_shape is None:
+            with _npy_member(path, "arr_0") as (shape, _, _):
+                image_shape = tuple(shape[1:])
+    final = (n, *image_shape)
+    with _NpzWriter(out / "samples.npz") as w:
+        rows = w.rows("arr_0", final, np.uint8)
+        for path in shards:
+            with _npy_member(path, "arr_0") as (shape, dtype, f):
+                if shape[0] and (dtype != np.uint8 or tuple(shape[1:]) != image_shape):
+                    raise RuntimeError(f"{path}: images of {shape} {dtype}, expected uint8 x {image_shape}")
+                row_bytes, left = math.prod(image_shape), shape[0]
+                while left:
+                    k = min(chunk_rows, left)
+                    rows.write(np.frombuffer(f.read(k * row_bytes), dtype=np.uint8).reshape(k, *image_shape))
+                    left -= k
+        rows.close()
+        w.add("labels", labels.numpy())
+    for path in shards:
+        path.unlink()
+    return final
 
 
 def _heldout(name: str | None) -> str | None:
@@ -64,18 +248,22 @@ def head_from_checkpoint(ck: dict, decoder: str | None, smoothing: float) -> Voc
                             counts=None if counts is None else counts.numpy(), smoothing=smoothing)
 
 
-def sample(cfg: DictConfig) -> dict:
+def sample(cfg: DictConfig | SampleConfig) -> dict:
+    """Sample ``cfg.num_samples`` images (the options are checked first: ``SampleConfigError``) and write the npz."""
+    opts = validate(cfg)
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    ck_path = Path(cfg.checkpoint)
+    ck_path = Path(opts.checkpoint)
     ck = load_training_checkpoint(ck_path)
-    model = load_gpt(ck_path, prefer_ema=cfg.use_ema).to(acc.device)
-    vocab = head_from_checkpoint(ck, cfg.decoder, cfg.smoothing)
-    tok_path = cfg.vq_checkpoint or ck.get("tokenizer", {}).get("checkpoint")
+    model = load_gpt(ck_path, prefer_ema=opts.use_ema).to(acc.device)
+    sc = opts.sampling
+    check_null_class(model, sc.cfg_scale)
+    vocab = head_from_checkpoint(ck, opts.decoder, opts.smoothing)
+    tok_path = opts.vq_checkpoint or ck.get("tokenizer", {}).get("checkpoint")
     if not tok_path:
         raise CheckpointError("no tokenizer recorded in the checkpoint; pass vq_checkpoint=PATH")
-    vq = load_vq(tok_path, cfg.vq_arch).to(acc.device)
+    vq = load_vq(tok_path, opts.vq_arch).to(acc.device)
     recorded = ck.get("tokenizer", {}).get("codebook_sha256")
     if recorded:
         from masc_llamagen.data.extract import tokenizer_fingerprint
@@ -84,63 +272,68 @@ def sample(cfg: DictConfig) -> dict:
         if have != recorded:
             raise CheckpointError(f"tokenizer {tok_path} ({have[:12]}) is not the one the model was trained on "
                                   f"({recorded[:12]}); pass vq_checkpoint=<the training tokenizer>")
-    sc = SamplingConfig(cfg_scale=cfg.cfg_scale, cfg_interval=cfg.cfg_interval, temperature=cfg.temperature,
-                        top_k=cfg.top_k, top_p=cfg.top_p)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    n_cls = model.config.num_classes
-    labels = sample_labels(cfg.num_samples, n_cls, cfg.labels, cfg.seed)
-    mine = torch.arange(acc.process_index, cfg.num_samples, acc.num_processes)
+    n, bs, world, rank = opts.num_samples, opts.batch_size, acc.num_processes, acc.process_index
+    labels = sample_labels(n, model.config.num_classes, opts.labels, opts.seed)
+    mine = share(n, rank, world)
     run_dir = ck_path.parent.parent
-    out = Path(cfg.out_dir) if cfg.out_dir else (
-        run_dir / "samples" / f"{ck_path.stem}-cfg{cfg.cfg_scale:g}-{vocab.decoder if not vocab.is_flat else 'flat'}")
+    out = Path(opts.out_dir) if opts.out_dir else (
+        run_dir / "samples" / f"{ck_path.stem}-cfg{opts.cfg_scale:g}-{vocab.decoder if not vocab.is_flat else 'flat'}")
     out.mkdir(parents=True, exist_ok=True)
-    images = {}
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(mine), cfg.batch_size), disable=not acc.is_main_process, desc="sample"):
-        idx = mine[start : start + cfg.batch_size]
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(idx[0]))  # depends on the sample, not the rank
-        imgs = sample_images(model, vocab, vq, labels[idx], sc, g, dtype)
-        for i, img in zip(idx.tolist(), imgs, strict=True):
-            images[i] = img
-            if cfg.png:
+    # One process: straight into samples.npz. Several: each streams its share to its shard; rank 0 joins them.
+    with _NpzWriter(out / "samples.npz" if world == 1 else _shard_path(out, rank)) as w:
+        rows = None
+        for start in tqdm(range(mine.start, mine.stop, bs), disable=not acc.is_main_process, desc="sample"):
+            idx = torch.arange(start, min(start + bs, mine.stop))
+            imgs = sample_images(model, vocab, vq, labels[idx], sc, opts.seed, opts.torch_dtype, indices=idx)
+            if rows is None:
+                rows = w.rows("arr_0", (len(mine), *imgs.shape[1:]), np.uint8)
+            rows.write(imgs)
+            if opts.png:
                 from PIL import Image
 
-                Image.fromarray(img).save(out / f"{i:06d}_c{int(labels[i])}.png")
-    parts = [images]
-    if acc.num_processes > 1:
-        import torch.distributed as dist
-
-        parts = [None] * acc.num_processes
-        dist.all_gather_object(parts, images)
+                for i, img in zip(idx.tolist(), imgs, strict=True):
+                    Image.fromarray(img).save(out / f"{i:06d}_c{int(labels[i])}.png")
+            del imgs
+        if rows is None:  # more processes than samples: an empty share
+            rows = w.rows("arr_0", (0, 0, 0, 3), np.uint8)
+        rows.close()
+        if world == 1:
+            w.add("labels", labels.numpy())
+        else:
+            w.add("meta", np.array([mine.start, mine.stop, n], dtype=np.int64))
+    acc.wait_for_everyone()
     result = {}
     if acc.is_main_process:
-        data_cfg = (ck.get("config") or {}).get("data", {})
-        merged = {k: v for p in parts for k, v in p.items()}
-        arr = np.stack([merged[i] for i in range(cfg.num_samples)])
         npz = out / "samples.npz"
-        tmp = out / ".samples.npz.tmp.npz"
-        np.savez(tmp, arr_0=arr, labels=labels.numpy())
-        tmp.replace(npz)
-        meta = {"checkpoint": str(ck_path), "step": int(ck["step"]), "ema": bool(cfg.use_ema),
+        shape = _assemble(out, world, n, labels, chunk_rows=bs) if world > 1 else rows.shape
+        data_cfg = (ck.get("config") or {}).get("data", {})
+        meta = {"checkpoint": str(ck_path), "step": int(ck["step"]), "ema": bool(opts.use_ema),
                 "head": vocab.name, "k": vocab.k, "decoder": None if vocab.is_flat else vocab.decoder,
-                "sampling": OmegaConf.to_container(cfg, resolve=True), "num_samples": int(cfg.num_samples),
+                "sampling": dataclasses.asdict(opts), "num_samples": int(n),
                 "dataset": data_cfg.get("name"), "split": _heldout(data_cfg.get("name")),
                 "data_root": data_cfg.get("root"), "image_size": data_cfg.get("image_size"),
                 "npz": str(npz)}
         (out / "samples.npz.json").write_text(json.dumps(meta, indent=2))
-        print(f"wrote {arr.shape[0]} samples to {npz}")
-        result = {"npz": str(npz), "shape": arr.shape, **meta}
+        print(f"wrote {shape[0]} samples to {npz}")
+        result = {"npz": str(npz), "shape": tuple(shape), **meta}
     acc.wait_for_everyone()
     return result
 
 
+def _one_line(e: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(e).strip().splitlines() if line.strip()) or type(e).__name__
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    try:
-        sample(cfg)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
+    """User errors (bad options, unusable checkpoints or heads, unwritable outputs): one line and exit 1."""
+    with user_errors():
+        try:
+            sample(cfg)
+        except (CheckpointError, HeadError, SamplingError) as e:  # listed even where they are MascErrors
+            raise SystemExit(f"error: {_one_line(e)}") from None
 
 
 if __name__ == "__main__":

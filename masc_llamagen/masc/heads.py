@@ -24,11 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from masc_llamagen.errors import MascError
+
 LN2 = math.log(2.0)
 DECODERS = ("uniform", "frequency")
 
 
-class HeadError(ValueError):
+class HeadError(MascError, ValueError):
     """A head that does not fit the tokenizer or checkpoint in use; the message names both sides."""
 
 
@@ -102,15 +104,41 @@ class Vocabulary:
             return tokens
         return self.mapping.to(tokens.device)[tokens]
 
-    def decode(self, ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Model ids -> fine tokens; coarse ids draw one member each from the decoder's distribution."""
+    def decode(self, ids: torch.Tensor, generator: torch.Generator | None = None,
+               uniforms: torch.Tensor | None = None) -> torch.Tensor:
+        """Model ids -> fine tokens on ids' device; coarse ids draw one member each from the decoder's distribution.
+
+        ``uniforms`` (ids' shape, in [0, 1)) pick the members, one per id (the per-sample draws of the sampler).
+        Without them they are drawn from ``generator`` on the generator's own device (default: the global RNG on
+        ids' device) and moved to ids' device. A member of zero probability is never returned.
+        """
         if self.is_flat:
             return ids
-        flat = ids.reshape(-1).cpu()
-        u = torch.rand(flat.shape, generator=generator, dtype=torch.float64)
-        j = torch.searchsorted(self._key, flat.double() + u, right=True)
-        j = torch.minimum(torch.maximum(j, self._start[flat]), self._start[flat + 1] - 1)
-        return self._order[j].reshape(ids.shape).to(ids.device)
+        dev = ids.device
+        tables = self.__dict__.setdefault("_decode_tables", {})
+        if dev not in tables:
+            # The CSR tables on ids' device, plus each cluster's first and last member of positive probability:
+            # draws are clamped to those, so float rounding at a cluster's edges cannot emit a never-seen code.
+            k, n = self.k, self.codebook_size
+            pos = self.member_log_prob[self._order] > float("-inf")
+            cl, j = self.mapping[self._order], torch.arange(n)
+            first = torch.full((k,), n, dtype=torch.long).scatter_reduce(0, cl[pos], j[pos], "amin")
+            last = torch.full((k,), -1, dtype=torch.long).scatter_reduce(0, cl[pos], j[pos], "amax")
+            first = torch.where(first == n, self._start[:-1], first)
+            last = torch.where(last < 0, self._start[1:] - 1, last)
+            tables[dev] = tuple(t.to(dev) for t in (self._key, self._order, first, last))
+        key, order, first, last = tables[dev]
+        flat = ids.reshape(-1)
+        if uniforms is None:
+            u = torch.rand(flat.shape, generator=generator, dtype=torch.float64,
+                           device=generator.device if generator is not None else dev)
+        elif uniforms.shape != ids.shape:
+            raise HeadError(f"uniforms have shape {tuple(uniforms.shape)}; need ids' shape {tuple(ids.shape)}")
+        else:
+            u = uniforms.reshape(-1)
+        j = torch.searchsorted(key, flat.double() + u.to(dev, torch.float64), right=True)
+        j = torch.minimum(torch.maximum(j, first[flat]), last[flat])
+        return order[j].reshape(ids.shape)
 
     # -- likelihoods -------------------------------------------------------------------------------------
     def fine_nll(self, logits: torch.Tensor, fine_targets: torch.Tensor) -> torch.Tensor:

@@ -8,13 +8,19 @@ cluster ids that a head's decoder turns into tokens.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from masc_llamagen.errors import MascError
 from masc_llamagen.models.gpt import GPT
+
+
+class SamplingError(MascError, ValueError):
+    """Sampling options or a model that cannot be sampled as asked; the message names the problem and the fix."""
 
 
 @dataclass
@@ -27,12 +33,18 @@ class SamplingConfig:
     greedy: bool = False  # argmax after filtering (used by the parity fixtures)
 
     def __post_init__(self) -> None:
-        if self.cfg_scale < 1.0:
-            raise ValueError(f"cfg_scale={self.cfg_scale} < 1; use 1.0 for no guidance")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0 (use greedy=True for argmax)")
-        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 and top_p={self.top_p} in (0, 1]")
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 1.0:
+            raise SamplingError(f"cfg_scale={self.cfg_scale} must be >= 1: use cfg_scale=1.0 for no guidance")
+        if self.cfg_interval < -1:
+            raise SamplingError(f"cfg_interval={self.cfg_interval} must be >= -1: use -1 to guide every token")
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            hint = ("greedy=true already takes the argmax; leave temperature=1.0" if self.greedy
+                    else "use a positive temperature, or greedy=true for argmax decoding")
+            raise SamplingError(f"temperature={self.temperature} must be > 0: {hint}")
+        if self.top_k < 0:
+            raise SamplingError(f"top_k={self.top_k} must be >= 0: use top_k=0 to keep every token")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingError(f"top_p={self.top_p} must be in (0, 1]: use top_p=1.0 to turn nucleus filtering off")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -51,12 +63,36 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def pick_tokens(logits: torch.Tensor, sc: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One draw per row of ``probs`` (B, V) from uniforms ``u`` (B,) in [0, 1): the first index whose cumulative
+    probability exceeds ``u * total``, the total being the cdf's own last entry. Cumulative sums of non-negative
+    numbers never decrease, so a zero-probability index (a flat step of the cdf) is never returned, and ``u -> 1``
+    is held just below the total so the draw stays in range. Runs in ``u``'s dtype, on ``probs``' device."""
+    cdf = probs.to(u.dtype).cumsum(-1)
+    total = cdf[..., -1:]
+    x = torch.minimum(u.to(cdf.device).unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
+
+
+def pick_tokens(logits: torch.Tensor, sc: SamplingConfig, u: torch.Tensor | None = None) -> torch.Tensor:
+    """Filtered, tempered draw per row; ``u`` (B,) are the row's uniforms (drawn here on logits' device if None)."""
     logits = filter_logits(logits.float() / sc.temperature, sc.top_k, sc.top_p)
     probs = F.softmax(logits, dim=-1)
     if sc.greedy:
         return torch.topk(probs, k=1, dim=-1).indices[:, 0]
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if u is None:
+        u = torch.rand(probs.shape[0], dtype=torch.float64, device=probs.device)
+    return inverse_cdf(probs, u)
+
+
+def check_null_class(model: GPT, cfg_scale: float) -> None:
+    """CFG runs the null class (row ``num_classes``): a model trained with class_dropout_prob=0 has none."""
+    if cfg_scale > 1.0 and model.cls_embedding.embedding_table.num_embeddings <= model.config.num_classes:
+        raise SamplingError("this model has no null class (trained with class_dropout_prob=0): use cfg_scale=1.0")
+
+
+def _col(u: torch.Tensor | None, t: int) -> torch.Tensor | None:
+    return None if u is None else u[:, t]
 
 
 def _guide(logits: torch.Tensor, scale: float, guided: bool) -> torch.Tensor:
@@ -67,8 +103,14 @@ def _guide(logits: torch.Tensor, scale: float, guided: bool) -> torch.Tensor:
 @torch.no_grad()
 def generate(model: GPT, labels: torch.Tensor, num_tokens: int | None = None,
              sampling: SamplingConfig | None = None, generator: torch.Generator | None = None,
-             dtype: torch.dtype = torch.float32, use_cache: bool = True) -> torch.Tensor:
+             dtype: torch.dtype = torch.float32, use_cache: bool = True,
+             uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """Sample ``num_tokens`` (default: the model's block size) ids per label; returns (B, num_tokens) int64.
+
+    Token ``t`` of row ``b`` is the inverse-cdf draw of ``uniforms[b, t]`` (B, num_tokens) in [0, 1), so a row's
+    tokens depend on its own uniforms only, not on the batch it runs in. Without ``uniforms`` they are drawn up
+    front from ``generator`` on the generator's own device (default: the global RNG on the model's device) and
+    moved to the model's device. Greedy sampling uses no randomness.
 
     ``dtype=torch.bfloat16`` runs the model under autocast with bf16 caches; logits stay float32.
     ``use_cache=False`` recomputes the whole prefix every step (the baseline the benchmark compares against).
@@ -77,13 +119,23 @@ def generate(model: GPT, labels: torch.Tensor, num_tokens: int | None = None,
     cfg = model.config
     n = num_tokens or cfg.block_size
     if not 1 <= n <= cfg.block_size:
-        raise ValueError(f"num_tokens={n} must be in [1, block_size={cfg.block_size}]")
+        raise SamplingError(f"num_tokens={n} must be in [1, block_size={cfg.block_size}]")
     if labels.dim() != 1 or (labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes)):
-        raise ValueError(f"labels must be a 1-D tensor of class ids in [0, {cfg.num_classes})")
+        raise SamplingError(f"labels must be a 1-D tensor of class ids in [0, {cfg.num_classes})")
     device = model.output.weight.device
-    labels = labels.to(device)
     b = labels.shape[0]
     use_cfg = sc.cfg_scale > 1.0
+    if use_cfg:
+        check_null_class(model, sc.cfg_scale)
+    u = None
+    if not sc.greedy:
+        if uniforms is None:
+            gen_device = generator.device if generator is not None else device
+            uniforms = torch.rand(b, n, generator=generator, dtype=torch.float64, device=gen_device)
+        elif uniforms.dim() != 2 or uniforms.shape[0] != b or uniforms.shape[1] < n:
+            raise SamplingError(f"uniforms have shape {tuple(uniforms.shape)}; need ({b}, >= {n}), one per token")
+        u = uniforms.to(device)
+    labels = labels.to(device)
     if use_cfg:
         labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
@@ -97,7 +149,7 @@ def generate(model: GPT, labels: torch.Tensor, num_tokens: int | None = None,
                 logits, _ = model(None, labels, torch.arange(cfg.cls_token_num, device=device))
             else:
                 logits, _ = model(None, labels)
-            nxt = pick_tokens(_guide(logits[:, -1], sc.cfg_scale, True) if use_cfg else logits[:, -1], sc, generator)
+            nxt = pick_tokens(_guide(logits[:, -1], sc.cfg_scale, True) if use_cfg else logits[:, -1], sc, _col(u, 0))
             out[:, 0] = nxt
             for t in range(1, n):
                 guided = use_cfg and not (sc.cfg_interval > -1 and t - 1 > sc.cfg_interval)
@@ -109,7 +161,7 @@ def generate(model: GPT, labels: torch.Tensor, num_tokens: int | None = None,
                 else:
                     logits, _ = model(out[:, :t].repeat(rows // b, 1), labels[:rows])
                 last = logits[:, -1]
-                nxt = pick_tokens(_guide(last, sc.cfg_scale, True) if guided else last, sc, generator)
+                nxt = pick_tokens(_guide(last, sc.cfg_scale, True) if guided else last, sc, _col(u, t))
                 out[:, t] = nxt
     finally:
         if use_cache:

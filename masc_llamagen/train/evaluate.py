@@ -50,9 +50,10 @@ class TrainingSampler:
 
         sc = SamplingConfig(cfg_scale=self.cfg.train.sample_cfg_scale)
         vq = self.vq.to(model.output.weight.device)
+        # per-sample seeds: sample i is the same image whatever the batch size or device
         return np.concatenate([
-            sample_images(model, self.vocab, vq, labels[s : s + batch], sc,
-                          torch.Generator().manual_seed(seed * 1_000_003 + s))
+            sample_images(model, self.vocab, vq, labels[s : s + batch], sc, seed,
+                          indices=torch.arange(s, min(s + batch, len(labels))))
             for s in range(0, len(labels), batch)])
 
     def grid(self, raw: GPT, ema: EMA | None, step: int) -> Path:

@@ -1,0 +1,112 @@
+"""Typed schema and up-front checks for ``configs/sample.yaml`` (``python -m masc_llamagen.sample``).
+
+``register()`` stores the schema as ``base_sample`` (listed first in sample.yaml's defaults), so an unknown key or a
+wrongly typed value fails when the config is composed; ``validate`` then checks every value in one place and
+raises ``SampleConfigError`` with one line naming the option and the fix, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from masc_llamagen.errors import ConfigError
+from masc_llamagen.masc.heads import DECODERS
+from masc_llamagen.models.sampling import SamplingConfig, SamplingError
+
+LABEL_MODES = ("balanced", "random")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class SampleConfigError(ConfigError, SamplingError):
+    """A sampler option that cannot work; the message names the option and what to set instead."""
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = MISSING  # a training checkpoint (EMA weights used by default)
+    use_ema: bool = True
+    vq_checkpoint: str | None = None  # default: the tokenizer recorded in the training checkpoint
+    vq_arch: str | None = None  # registry config for tokenizer files that carry none (e.g. VQ-16)
+    num_samples: int = 100
+    labels: str = "balanced"  # balanced | random
+    batch_size: int = 50
+    seed: int = 0
+    cfg_scale: float = 2.0
+    cfg_interval: int = -1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False  # argmax decoding (temperature then only matters through top_p)
+    decoder: str | None = None  # member decoder for coarse heads: null = as trained, or uniform | frequency
+    smoothing: float = 1.0
+    dtype: str = "float32"  # float32 | bfloat16
+    png: bool = True
+    out_dir: str | None = None
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """The generator's settings (its own checks raise ``SamplingError`` naming the option)."""
+        return SamplingConfig(cfg_scale=float(self.cfg_scale), cfg_interval=int(self.cfg_interval),
+                              temperature=float(self.temperature), top_k=int(self.top_k), top_p=float(self.top_p),
+                              greedy=bool(self.greedy))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def register() -> None:
+    """Register the schema (safe to call repeatedly); ``masc_llamagen.sample`` does it on import."""
+    ConfigStore.instance().store(name="base_sample", node=SampleConfig)
+
+
+def _check_file(key: str, value: str) -> None:
+    path = Path(value)
+    if not path.exists():
+        raise SampleConfigError(f"{key}={value} does not exist: pass {key}=PATH to an existing file")
+    if not path.is_file():
+        raise SampleConfigError(f"{key}={value} is a directory: pass {key}=PATH to a checkpoint file inside it")
+
+
+def validate(cfg: DictConfig | SampleConfig) -> SampleConfig:
+    """Every sampler option checked up front; returns the typed config or raises ``SampleConfigError``."""
+    if not isinstance(cfg, SampleConfig):
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(SampleConfig), cfg)
+            if OmegaConf.is_missing(merged, "checkpoint"):
+                raise SampleConfigError("checkpoint is required: pass checkpoint=PATH to a training checkpoint "
+                                        "(runs/NAME/checkpoints/ckpt-XXXXXXXX.pt)")
+            cfg = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as e:
+            raise SampleConfigError(str(e).strip().splitlines()[0]) from None
+    if cfg.num_samples < 1:
+        raise SampleConfigError(f"num_samples={cfg.num_samples} must be >= 1: it is the number of images to write")
+    if cfg.batch_size < 1:
+        raise SampleConfigError(f"batch_size={cfg.batch_size} must be >= 1: images sampled per forward pass")
+    if cfg.labels not in LABEL_MODES:
+        raise SampleConfigError(f"labels={cfg.labels} is unknown: use labels=balanced or labels=random")
+    if cfg.decoder is not None and cfg.decoder not in DECODERS:
+        raise SampleConfigError(f"decoder={cfg.decoder} is unknown: use decoder=null (as trained), "
+                                + " or ".join(f"decoder={d}" for d in DECODERS))
+    if cfg.dtype not in DTYPES:
+        raise SampleConfigError(f"dtype={cfg.dtype} is unknown: use " + " or ".join(f"dtype={d}" for d in DTYPES))
+    if not cfg.smoothing >= 0:
+        raise SampleConfigError(f"smoothing={cfg.smoothing} must be >= 0: add-alpha for the frequency decoder")
+    try:
+        cfg.sampling  # noqa: B018 - SamplingConfig checks cfg_scale, cfg_interval, temperature, top_k, top_p
+    except SamplingError as e:
+        raise SampleConfigError(str(e)) from None
+    _check_file("checkpoint", cfg.checkpoint)
+    if Path(cfg.checkpoint).suffix == ".safetensors" or not zipfile.is_zipfile(cfg.checkpoint):
+        raise SampleConfigError(f"checkpoint={cfg.checkpoint} is not a training checkpoint (a torch .pt archive "
+                                "written by masc_llamagen.train): pass runs/NAME/checkpoints/ckpt-XXXXXXXX.pt")
+    if cfg.vq_checkpoint is not None:
+        _check_file("vq_checkpoint", cfg.vq_checkpoint)
+    return cfg
