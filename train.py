@@ -10,16 +10,11 @@ register()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from masc_llamagen.checkpoint import CheckpointError
-    from masc_llamagen.masc.heads import HeadError
-    from masc_llamagen.masc.tree import TreeError
-    from masc_llamagen.train.loop import TrainingError, train
+    from masc_llamagen.errors import user_errors
+    from masc_llamagen.train.loop import train
 
-    try:
+    with user_errors():  # a bad value, a wrong file, a run dir in use ...: one line, exit 1, no traceback
         train(cfg)
-    except (FileNotFoundError, CheckpointError, HeadError, TreeError, TrainingError) as e:
-        # A user error (missing file, wrong tokenizer, k out of range...): one line, no traceback.
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
@@ -22,13 +22,32 @@ from typing import Any
 
 import torch
 
+from masc_llamagen.errors import MascError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(MascError, ValueError):
     """A weights file that cannot be used as asked; the message says why and what to do."""
 
 
 def _is_safetensors(path: Path) -> bool:
     return path.suffix == ".safetensors"
+
+
+def _describe_load_failure(path: Path, e: Exception) -> str:
+    """What a failed ``torch.load(weights_only=True)`` means, without quoting torch's advice to turn it off."""
+    text = str(e)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"refused to unpickle the Python object {found.group(1)} it holds (loading it could run code); only "
+                "plain tensors and dicts are loaded. Re-save the state dict alone")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if len(head) == 2 and head[0] == 0x80 and head[1] <= 5:  # a pickle stream that is not a torch.save archive
+        return ("refused to unpickle: a raw pickle whose content is not plain tensors (objects, or a protocol "
+                "weights-only loading does not read); re-save it with torch.save(state_dict)")
+    if isinstance(e, (EOFError, zipfile.BadZipFile)) or "zip" in text.lower() or "central directory" in text:
+        return "cannot read checkpoint: the file is truncated or corrupt"
+    return "not a PyTorch checkpoint (neither a torch.save file nor safetensors); check the path"
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -54,17 +73,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         return out
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
-        raise CheckpointError(
-            f"{path}: refused to unpickle arbitrary Python objects ({first[:200]}); "
-            "only plain tensors/dicts are loaded (weights_only=True). Re-save the state dict alone."
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint ({msg[:200]}); the file is truncated or corrupt"
-        ) from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file (a text file: KeyError)
+        raise CheckpointError(f"{path}: {_describe_load_failure(path, e)}") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return dict(obj)

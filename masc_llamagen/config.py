@@ -142,3 +142,85 @@ def register() -> None:
         cs.store(group=group, name=f"base_{group}", node=schema)
     if not OmegaConf.has_resolver("masc.hash"):
         OmegaConf.register_new_resolver("masc.hash", _short_hash)
+
+
+# -- validation: what the types cannot say ---------------------------------------------------------------------
+_CHOICES = {
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.distributed": ("ddp", "fsdp"),
+    "optim.schedule": ("constant", "cosine"),
+    "head.decoder": ("uniform", "frequency"),
+    "logger.kind": ("wandb", "tensorboard", "none"),
+    "logger.mode": ("offline", "online", "disabled"),
+}
+_AT_LEAST = {  # key: minimum (None values are allowed where the schema says Optional)
+    "train.steps": 1, "train.global_batch_size": 1, "train.grad_accum": 1, "train.ckpt_every": 1, "train.log_every": 1,
+    "train.keep_last": 0, "train.sample_every": 0, "train.eval_every": 0, "train.eval_samples": 2,
+    "train.eval_reference": 2, "train.stop_after": 1, "optim.warmup_steps": 0, "data.num_workers": 0,
+    "data.image_size": 1, "head.k": 2, "head.compare_k": 2,
+}
+_POSITIVE = ("optim.lr", "optim.eps", "train.peak_tflops")
+_NON_NEGATIVE = ("optim.final_lr", "optim.weight_decay", "optim.grad_clip", "head.smoothing", "train.sample_cfg_scale")
+_PROBABILITIES = ("model.token_dropout_p", "model.resid_dropout_p", "model.ffn_dropout_p", "model.attn_dropout_p",
+                  "model.class_dropout_prob")
+
+
+def _unknown_keys(node, schema, prefix: str = "") -> list[str]:
+    from dataclasses import fields, is_dataclass
+
+    known = {f.name: f.type for f in fields(schema)}
+    out = []
+    for key in node:
+        name = f"{prefix}{key}"
+        if key not in known:
+            out.append(name)
+            continue
+        sub = next((f.default_factory for f in fields(schema) if f.name == key and callable(f.default_factory)), None)
+        child = node[key]
+        if sub is not None and is_dataclass(sub) and isinstance(child, dict):
+            out += _unknown_keys(child, sub, f"{name}.")
+    return out
+
+
+def validate(cfg) -> None:
+    """Refuse a training config that cannot work, with one line naming every bad key and what it accepts.
+
+    Called by ``train.py`` right after Hydra composed the config, and by the loop itself (configs composed in code).
+    Also refuses keys the schema does not know: Hydra's ``+train.foo=1`` would store a typo and ignore it.
+    """
+    from masc_llamagen.errors import ConfigError
+
+    problems = [f"{k} is not a config key (a typo? `python train.py --cfg job` lists them)"
+                for k in _unknown_keys(OmegaConf.to_container(cfg, resolve=False), TrainConfig) if k != "hydra"]
+
+    def get(key):
+        return OmegaConf.select(cfg, key, default=None)
+
+    for key, choices in _CHOICES.items():
+        if get(key) not in choices:
+            problems.append(f"{key}={get(key)!r} must be one of {', '.join(choices)}")
+    for key, low in _AT_LEAST.items():
+        v = get(key)
+        if v is not None and v < low:
+            problems.append(f"{key}={v} must be >= {low}")
+    for key in _POSITIVE:
+        v = get(key)
+        if v is not None and not v > 0:
+            problems.append(f"{key}={v} must be > 0")
+    for key in _NON_NEGATIVE:
+        v = get(key)
+        if v is not None and v < 0:
+            problems.append(f"{key}={v} must be >= 0")
+    for key in _PROBABILITIES:
+        v = get(key)
+        if v is not None and not 0 <= v < 1:
+            problems.append(f"{key}={v} must be in [0, 1)")
+    if get("train.ema_decay") is not None and not 0 <= get("train.ema_decay") < 1:
+        problems.append(f"train.ema_decay={get('train.ema_decay')} must be in [0, 1)")
+    betas = get("optim.betas")
+    if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
+        problems.append(f"optim.betas={list(betas)} must be two numbers in [0, 1)")
+    if get("head.name") != "flat" and get("head.k") is None:
+        problems.append(f"head={get('head.name')} needs head.k (the number of clusters)")
+    if problems:
+        raise ConfigError("; ".join(problems))

@@ -31,7 +31,7 @@ def describe_os_error(e: OSError) -> str:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write{where}: {e.strerror}; pick a writable place (paths.runs=..., paths.artifacts=...)"
     if isinstance(e, FileNotFoundError):
-        return str(e) if not e.filename else f"{e.filename} does not exist; check the path"
+        return f"{e.filename} does not exist; check the path" if e.filename else str(e)
     return f"{e.strerror or e}{where}"
 
 
@@ -44,6 +44,5 @@ def user_errors():
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     except OSError as e:
-        print(f"error: {describe_os_error(e) if not isinstance(e, FileNotFoundError) or e.filename else e}",
-              file=sys.stderr, flush=True)
+        print(f"error: {describe_os_error(e)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

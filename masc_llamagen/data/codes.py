@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from masc_llamagen.errors import MascError
+
 FORMAT = "masc-llamagen-codes"
 FORMAT_VERSION = 1
 CODES_FILE, LABELS_FILE, META_FILE = "codes.npy", "labels.npy", "meta.json"
@@ -33,7 +35,7 @@ _SCAN_ROWS = 1 << 16  # images per block when scanning the memory map (bounded R
 _MASK64 = (1 << 64) - 1
 
 
-class CodeFormatError(ValueError):
+class CodeFormatError(MascError, ValueError):
     """A packed code set that is inconsistent or out of range; the message names the file and the problem."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+
+from masc_llamagen.errors import MascError
 
 DATA_ENV = "MASC_DATA"  # a directory holding <dataset name>/ folders; overrides the built-in defaults
 FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
@@ -35,7 +38,7 @@ HELDOUT_SPLITS = {"fashion_mnist": "test", "imagefolder": "val", "twemoji": "tes
 DEFAULT_IMAGE_SIZES = {"fashion_mnist": 32, "imagefolder": 256, "twemoji": 64}
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(MascError, FileNotFoundError):
     """A dataset that is not on disk; the message says how to install it or point to it."""
 
 
@@ -57,6 +60,9 @@ def default_root(name: str) -> Path | None:
     if env and (Path(env) / name).exists():
         return Path(env) / name
     if name == "fashion_mnist":
+        if env:  # said, not silent: the user pointed somewhere else
+            print(f"warning: ${DATA_ENV}={env} has no {name}/ folder; using the system copy in "
+                  f"{FASHION_MNIST_DEBIAN_ROOT}", file=sys.stderr, flush=True)
         return Path(FASHION_MNIST_DEBIAN_ROOT)
     return Path(env) / name if env else None
 

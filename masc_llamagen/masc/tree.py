@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from masc_llamagen.errors import MascError
+
 METHODS = ("average", "single", "complete", "weighted", "ward")
 FORMAT = "masc-tree"
 FORMAT_VERSION = 1
@@ -53,7 +55,7 @@ _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _METHOD_CODE = {m: i for i, m in enumerate(METHODS)}
 
 
-class TreeError(ValueError):
+class TreeError(MascError, ValueError):
     """A tree, codebook, k or mapping that cannot be used as asked; the one-line message says what to do."""
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from masc_llamagen.checkpoint import save_weights
+from masc_llamagen.errors import MascError
 from masc_llamagen.tokenizer.metrics import codebook_stats, images_to_uint8, psnr, ssim
 from masc_llamagen.tokenizer.vq import VectorQuantizer, VQConfig, VQModel, get_vq_config
 
@@ -49,7 +50,7 @@ PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; capped so the JSON r
 FINAL_LOSS_WINDOW = 50  # "final" losses are means over the last steps, not one noisy batch
 
 
-class TokenizerTrainError(ValueError):
+class TokenizerTrainError(MascError, ValueError):
     """A tokenizer-training setting that cannot work as given; the message says what to change."""
 
 

@@ -110,3 +110,42 @@ def load_training_checkpoint(path: Path) -> dict:
             raise CheckpointError(f"{path} is not a masc-llamagen training checkpoint (no '{key}'); "
                                   "to start from released weights use load_gpt instead")
     return ckpt
+
+
+# -- resume compatibility: what may change between invocations of one run ------------------------------------------
+# Changing these does not change what the weights, optimizer state or data order mean.
+RESUME_SAFE = ("name", "paths.", "logger.", "train.steps", "train.ckpt_every", "train.keep_last", "train.log_every",
+               "train.sample_every", "train.sample_cfg_scale", "train.eval_", "train.baseline_curve",
+               "train.stop_after", "train.resume", "train.peak_tflops", "train.cpu", "data.num_workers",
+               "data.codes", "data.root", "tokenizer.checkpoint", "tokenizer.name", "tokenizer.arch",
+               "head.compare_k", "head.tree", "head.decoder", "head.smoothing")
+# Allowed, but the continuation is then no longer bit-identical to an uninterrupted run.
+RESUME_INEXACT = ("train.compile", "train.mixed_precision", "train.distributed", "train.grad_accum")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith((".", "_")) and key.startswith(p)) for p in patterns)
+
+
+def resume_differences(saved: dict, now: dict, saved_world: int, world: int) -> tuple[list[str], list[str]]:
+    """(refused, inexact): one ``key: old -> new`` per difference between a checkpoint's resolved config and ours."""
+    a, b = _flatten(saved), _flatten(now)
+    refused, inexact = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key) or _matches(key, RESUME_SAFE):
+            continue
+        line = f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"
+        (inexact if _matches(key, RESUME_INEXACT) else refused).append(line)
+    if saved_world != world:
+        inexact.append(f"processes: {saved_world} -> {world} (per-rank RNG states cannot be restored)")
+    return refused, inexact

@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from masc_llamagen.checkpoint import CheckpointError, read_state_dict
+from masc_llamagen.config import validate
+from masc_llamagen.errors import TrainingError
 from masc_llamagen.masc.heads import Vocabulary, bits, marginal_coarse_nll
 from masc_llamagen.masc.vocab import vocabulary_from_config
 from masc_llamagen.models.gpt import GPT, TransformerBlock, gpt_config
@@ -32,20 +34,22 @@ from masc_llamagen.train.checkpointing import (
     checkpoint_path,
     last_good_checkpoint,
     latest_checkpoint,
-    load_training_checkpoint,
     prune,
     restore_rng,
+    resume_differences,
 )
 from masc_llamagen.train.ema import EMA
 from masc_llamagen.train.evaluate import TrainingSampler
 from masc_llamagen.train.logging import MetricLogger
 from masc_llamagen.train.optim import build_optimizer, build_scheduler
 from masc_llamagen.train.run_info import write_run_info
+from masc_llamagen.train.rundir import (
+    RunLock,
+    load_newest_checkpoint,
+    refuse_fresh_start_over_a_run,
+    remove_stale_temp_files,
+)
 from masc_llamagen.train.throughput import flops_per_token, peak_flops
-
-
-class TrainingError(RuntimeError):
-    """A run that must stop (non-finite loss, inconsistent resume); the message says what to do."""
 
 
 def _accelerator(cfg: DictConfig) -> Accelerator:
@@ -190,11 +194,35 @@ class _Stop:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run (or resume) training as configured; returns a summary dict (final step, last losses, paths)."""
-    t = cfg.train
+    """Run (or resume) training as configured; returns a summary dict (final step, last losses, paths).
+
+    Rank 0 holds the run directory's lock for the whole run: a second launch on the same directory stops at once.
+    """
+    validate(cfg)
     acc = _accelerator(cfg)
     run_dir = Path(cfg.paths.output_dir)
+    with RunLock(run_dir) if acc.is_main_process else nullcontext():
+        return _train(cfg, acc, run_dir)
+
+
+def _train(cfg: DictConfig, acc: Accelerator, run_dir: Path) -> dict:
+    t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
+    if not t.resume:
+        refuse_fresh_start_over_a_run(ckpt_dir)
+    if acc.is_main_process and (stale := remove_stale_temp_files(ckpt_dir)):
+        print(f"removed {len(stale)} half-written checkpoint file(s) of an interrupted run in {ckpt_dir}", flush=True)
+    resume_from, ck = load_newest_checkpoint(ckpt_dir) if t.resume else (None, None)
+    if ck is not None and ck.get("config"):
+        refused, inexact = resume_differences(ck["config"], OmegaConf.to_container(cfg, resolve=True),
+                                              len(ck["rng"]), acc.num_processes)
+        if refused:
+            raise TrainingError(f"cannot resume {resume_from.name}: {'; '.join(refused)} would change what its "
+                                "weights and state mean; restore those values or start another run directory "
+                                "(name=... or hydra.run.dir=...)")
+        if inexact and acc.is_main_process:
+            print(f"warning: resuming {resume_from.name} with {'; '.join(inexact)}: the run continues, but no longer "
+                  "bit-identical to an uninterrupted one", flush=True)
     set_seed(t.seed + acc.process_index)
 
     codes = load_codes(cfg)
@@ -203,7 +231,10 @@ def train(cfg: DictConfig) -> dict:
     from masc_llamagen.masc.tree import codebook_sha256
 
     ours = codebook_sha256(codebook)
-    if fp and fp != ours:
+    if not fp:
+        raise TrainingError(f"codes in {cfg.data.codes} carry no tokenizer fingerprint, so nothing shows they match "
+                            f"{cfg.tokenizer.checkpoint}; re-extract them with it (the pipeline's codes stage)")
+    if fp != ours:
         raise TrainingError(f"codes in {cfg.data.codes} were extracted with tokenizer {fp[:12]} but "
                             f"{cfg.tokenizer.checkpoint} is {ours[:12]}; re-extract the codes or use that tokenizer")
     if codes.codebook_size != codebook.shape[0]:
@@ -238,10 +269,8 @@ def train(cfg: DictConfig) -> dict:
     sched = build_scheduler(opt, t.steps, o.schedule, o.warmup_steps, o.lr, o.final_lr)
 
     start, elapsed = 0, 0.0  # elapsed: training wall time of earlier invocations (for FID vs wall-clock)
-    resume_from = latest_checkpoint(ckpt_dir) if t.resume else None
     rng_state = None
     if resume_from is not None:
-        ck = load_training_checkpoint(resume_from)
         saved_head = ck.get("head", {})
         if saved_head.get("k") != vocab.k or saved_head.get("name") != vocab.name:
             raise TrainingError(f"{resume_from} was trained with head={saved_head.get('name')} k={saved_head.get('k')} "
