@@ -126,16 +126,17 @@ def test_throughput_excludes_checkpoint_time(tmp_path, assets, monkeypatch):
     real = loop.atomic_save
 
     def slow_save(obj, path):
-        time.sleep(0.4)
+        time.sleep(0.6)
         real(obj, path)
 
     monkeypatch.setattr(loop, "atomic_save", slow_save)
-    train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=6", "train.ckpt_every=1", "train.log_every=2"],
+    train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=4", "train.ckpt_every=1", "train.log_every=2"],
                       run="t"))
     rows = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4, 6]
-    # every step saved (0.4 s each); a GPT-nano step on 8 images takes a few ms
-    assert all(r["train/step_time_s"] < 0.2 for r in rows), [r["train/step_time_s"] for r in rows]
+    assert [r["step"] for r in rows] == [2, 4]
+    # every step saved (>= 0.6 s each, so counted in it would give >= 0.6 s/step); a GPT-nano step on 8 images
+    # takes well under 0.1 s even on a busy 2-core machine
+    assert all(r["train/step_time_s"] < 0.45 for r in rows), [r["train/step_time_s"] for r in rows]
     assert all(r["train/tokens_per_s"] == pytest.approx(r["train/images_per_s"] * 16) for r in rows)
 
 
