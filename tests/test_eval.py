@@ -85,10 +85,13 @@ def _score(env, generated, reference, **kw):
 
 def test_fid_separates_real_from_noise_and_caches_reference(env):
     r_real = _score(env, env["real2"], env["ref"])
-    cached = sorted((env["cache"] / "fidelity").glob("masc-ref-*"))
-    assert cached, "reference features were not cached"
+    cached = sorted((env["cache"] / "features").glob("ref-*.npz"))
+    assert cached == [Path(r_real["reference_features_cache"])], "reference features were not cached"
+    mtime = cached[0].stat().st_mtime_ns
     r_noise = _score(env, env["noise"], env["ref"])
-    assert sorted((env["cache"] / "fidelity").glob("masc-ref-*")) == cached  # reused, not recomputed under new names
+    assert sorted((env["cache"] / "features").glob("ref-*.npz")) == cached  # reused, not recomputed under new names
+    assert cached[0].stat().st_mtime_ns == mtime  # read, not rewritten
+    assert not (env["cache"] / "fidelity").exists()  # torch-fidelity's pickle cache is never used
 
     for r in (r_real, r_noise):
         assert set(METRIC_KEYS) <= set(r)

@@ -40,7 +40,7 @@ def test_agrees_with_compute_metrics_on_images(tmp_path):
     np.savez(tmp_path / "ref.npz", arr_0=ref)
     fe = InceptionFeatures(weights, feature_layer="64", batch_size=16)
     ours = frechet_distance(fe(gen), fe.cached(tmp_path / "ref.npz", cache=tmp_path / "cache"))
-    assert list((tmp_path / "cache" / "features").glob("ref-*.npy")), "reference features were not cached"
+    assert list((tmp_path / "cache" / "features").glob("ref-*.npz")), "reference features were not cached"
     full = compute_metrics(gen, tmp_path / "ref.npz", weights_path=weights, cache_dir=tmp_path / "tf", device="cpu",
                            feature_layer="64")
     assert full["fid"] > 0

