@@ -16,6 +16,30 @@ def peak_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def current_mib(device: str) -> float:
+    """In use now: tensors on CUDA (memory_allocated), the process's resident set on CPU (/proc/self/statm).
+
+    ``peak_mib(device) - current_mib(device)`` taken before a piece of work is what that work added at its peak,
+    provided (on CPU) that its peak exceeds the process's earlier high-water mark; run it in a fresh process after
+    a small warm-up so that it does. Without /proc (not Linux) the CPU figure falls back to ru_maxrss.
+    """
+    if device == "cuda":
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return peak_mib(device)
+
+
+def reset_peak(device: str) -> None:
+    """Start a new CUDA peak (the CPU high-water mark cannot be reset: measure in a fresh process)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
