@@ -92,11 +92,17 @@ def sample_tokens(model, vocab: Vocabulary, labels: torch.Tensor, sampling: Samp
 @torch.no_grad()
 def sample_images(model, vocab: Vocabulary, vq, labels: torch.Tensor, sampling: SamplingConfig,
                   seed: int | torch.Generator = 0, dtype: torch.dtype = torch.float32,
-                  indices: torch.Tensor | None = None) -> np.ndarray:
-    """Labels -> fine tokens (``sample_tokens``, same ``seed``/``indices``) -> decoded uint8 images (B, H, W, 3)."""
+                  indices: torch.Tensor | None = None, image_size: int | None = None) -> np.ndarray:
+    """Labels -> fine tokens (``sample_tokens``, same ``seed``/``indices``) -> decoded uint8 images (B, H, W, 3).
+
+    ``image_size``: bicubic resize of the decoded [-1, 1] images before quantising (LlamaGen's ``image_size_eval``).
+    """
     side = math.isqrt(model.config.block_size)
     tokens = sample_tokens(model, vocab, labels, sampling, seed, dtype, indices)
-    return to_uint8(vq.decode_code(tokens.reshape(-1, side, side)))
+    images = vq.decode_code(tokens.reshape(-1, side, side))
+    if image_size is not None and image_size != images.shape[-1]:
+        images = torch.nn.functional.interpolate(images.float(), size=(image_size, image_size), mode="bicubic")
+    return to_uint8(images)
 
 
 def share(n: int, rank: int, world: int) -> range:
@@ -286,7 +292,8 @@ def sample(cfg: DictConfig | SampleConfig) -> dict:
         rows = None
         for start in tqdm(range(mine.start, mine.stop, bs), disable=not acc.is_main_process, desc="sample"):
             idx = torch.arange(start, min(start + bs, mine.stop))
-            imgs = sample_images(model, vocab, vq, labels[idx], sc, opts.seed, opts.torch_dtype, indices=idx)
+            imgs = sample_images(model, vocab, vq, labels[idx], sc, opts.seed, opts.torch_dtype, indices=idx,
+                                 image_size=opts.image_size_eval)
             if rows is None:
                 rows = w.rows("arr_0", (len(mine), *imgs.shape[1:]), np.uint8)
             rows.write(imgs)

@@ -49,6 +49,9 @@ class SampleConfig:
     dtype: str = "float32"  # float32 | bfloat16
     png: bool = True
     out_dir: str | None = None
+    # Resize the decoded images to this side before writing (bicubic, as LlamaGen scores its 384-px models at 256);
+    # null: the tokenizer's resolution
+    image_size_eval: int | None = None
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -97,6 +100,9 @@ def validate(cfg: DictConfig | SampleConfig) -> SampleConfig:
                                 + " or ".join(f"decoder={d}" for d in DECODERS))
     if cfg.dtype not in DTYPES:
         raise SampleConfigError(f"dtype={cfg.dtype} is unknown: use " + " or ".join(f"dtype={d}" for d in DTYPES))
+    if cfg.image_size_eval is not None and cfg.image_size_eval < 8:
+        raise SampleConfigError(f"image_size_eval={cfg.image_size_eval} must be >= 8 (e.g. 256), or null to keep "
+                                "the decoded resolution")
     if not cfg.smoothing >= 0:
         raise SampleConfigError(f"smoothing={cfg.smoothing} must be >= 0: add-alpha for the frequency decoder")
     try:

@@ -82,3 +82,29 @@ def test_eval_cli_samples_a_checkpoint_then_scores_it(trained, tmp_path, capsys)
     assert len(found) == 1
     m = json.loads(found[0].read_text())
     assert m["n_generated"] == 8 and m["fid"] > 0
+
+
+def test_image_size_eval_resizes_before_writing(trained):
+    """LlamaGen scores its 384-px models at 256: bicubic on the decoded images, recorded in the sidecar."""
+    from masc_llamagen.checkpoint import load_gpt, load_vq
+    from masc_llamagen.models.sampling import SamplingConfig
+    from masc_llamagen.sample import head_from_checkpoint, sample_images, sample_tokens
+    from masc_llamagen.train.checkpointing import load_training_checkpoint
+    from masc_llamagen.train.images import to_uint8
+
+    root, ckpt = trained
+    out_dir = root / "small"
+    res = sample(_sample_cfg([f"checkpoint={ckpt}", "num_samples=3", f"out_dir={out_dir}", "image_size_eval=8",
+                              "png=false"]))
+    with np.load(out_dir / "samples.npz", allow_pickle=False) as z:
+        assert z["arr_0"].shape == (3, 8, 8, 3)
+    assert json.loads((out_dir / "samples.npz.json").read_text())["sampling"]["image_size_eval"] == 8
+    ck = load_training_checkpoint(ckpt)
+    model, vq = load_gpt(ckpt), load_vq(ck["tokenizer"]["checkpoint"])
+    vocab, sc, labels = head_from_checkpoint(ck, None, 1.0), SamplingConfig(cfg_scale=2.0), torch.arange(3)
+    tokens = sample_tokens(model, vocab, labels, sc, 0, indices=torch.arange(3))
+    full = vq.decode_code(tokens.reshape(-1, 4, 4))
+    expected = to_uint8(torch.nn.functional.interpolate(full, size=(8, 8), mode="bicubic"))
+    np.testing.assert_array_equal(sample_images(model, vocab, vq, labels, sc, 0, indices=torch.arange(3),
+                                                image_size=8), expected)
+    assert res["shape"] == (3, 8, 8, 3)
