@@ -55,6 +55,31 @@ class Stamp:
         return json.loads(self.path.read_text())
 
 
+def codes_inputs(cfg: DictConfig) -> dict:
+    """What the codes are made from: the tokenizer file, the dataset and where its images are actually read."""
+    from masc_llamagen.data.images import default_root
+
+    root = cfg.data.root or default_root(cfg.data.name)
+    return {"tokenizer": _file_id(Path(cfg.tokenizer.checkpoint)), "data": cfg.data.name,
+            "size": cfg.data.image_size, "root": str(Path(root).resolve()) if root else None}
+
+
+def merge_record(path: Path, results: dict) -> dict:
+    """The run's ``pipeline.json``: a rerun of some stages updates their entries and keeps the others."""
+    old = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+    merged = {**old, **{k: v for k, v in results.items() if v is not None}}
+    merged["timings_s"] = {**old.get("timings_s", {}), **results.get("timings_s", {})}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(merged, indent=2, default=str))
+    tmp.replace(path)
+    return merged
+
+
 def compose_train(overrides: list[str]) -> DictConfig:
     register()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
@@ -104,8 +129,7 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
         from masc_llamagen.data.extract import extract_codes
 
         out = Path(cfg.data.codes)
-        stamp = Stamp(out, {"tokenizer": _file_id(Path(cfg.tokenizer.checkpoint)), "data": cfg.data.name,
-                            "size": cfg.data.image_size})
+        stamp = Stamp(out, codes_inputs(cfg))
         if stamp.fresh() and not force_it:
             _log("codes", f"up to date: {out}")
             return stamp.summary()
@@ -235,7 +259,7 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
     results["report"] = timed("report", report_stage)
     results["total_s"] = round(time.perf_counter() - t_all, 1)
     (run_dir).mkdir(parents=True, exist_ok=True)
-    (run_dir / "pipeline.json").write_text(json.dumps(results, indent=2, default=str))
+    merge_record(run_dir / "pipeline.json", results)
     _log("done", f"{results['total_s']} s; report: {results.get('report')}")
     return results
 

@@ -41,3 +41,30 @@ def test_report_has_numbers_grids_and_curves(tmp_path):
     md = write_report(tmp_path / "README.md", {"Sample quality": {"fid": 12.345678}}, {"curves": curves}, ["note"])
     text = md.read_text()
     assert "| fid | 12.35 |" in text and "![curves](curves.png)" in text and json.dumps("note")[1:-1] in text
+
+
+def test_codes_are_redone_when_the_image_root_changes(tmp_path):
+    from omegaconf import open_dict
+
+    from masc_llamagen.pipeline import codes_inputs
+
+    cfg = compose_train([])
+    tok = tmp_path / "tok.safetensors"
+    tok.write_bytes(b"x")
+    with open_dict(cfg):
+        cfg.tokenizer.checkpoint = str(tok)
+    a = Stamp(tmp_path / "codes", codes_inputs(cfg))
+    with open_dict(cfg):
+        cfg.data.root = str(tmp_path / "elsewhere")
+    assert Stamp(tmp_path / "codes", codes_inputs(cfg)).key != a.key
+
+
+def test_rerunning_some_stages_merges_the_record(tmp_path):
+    from masc_llamagen.pipeline import merge_record
+
+    rec = tmp_path / "pipeline.json"
+    merge_record(rec, {"timings_s": {"train": 10.0, "eval": 5.0}, "train": {"step": 300}, "eval": {"fid": 90.0}})
+    merge_record(rec, {"timings_s": {"report": 1.0}, "report": "README.md", "train": None})
+    got = json.loads(rec.read_text())
+    assert got["train"] == {"step": 300} and got["eval"] == {"fid": 90.0} and got["report"] == "README.md"
+    assert got["timings_s"] == {"train": 10.0, "eval": 5.0, "report": 1.0}

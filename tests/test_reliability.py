@@ -294,3 +294,20 @@ def test_train_cli_user_errors(tmp_path, assets, overrides):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["text", "other-npz", "missing"])
+def test_tree_cut_given_a_non_tree_is_one_line(tmp_path, capsys, kind):
+    import numpy as np
+
+    from masc_llamagen.masc.tree import main as tree_main
+
+    path = tmp_path / "t.npz"
+    if kind == "text":
+        path.write_text("not a tree\n")
+    elif kind == "other-npz":
+        np.savez(path, a=np.zeros(3))
+    assert tree_main(["cut", str(path), "--k", "4", "--out", str(tmp_path / "m.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "allow_pickle" not in err
+    assert "python -m masc_llamagen.tree build" in err and not (tmp_path / "m.npy").exists()

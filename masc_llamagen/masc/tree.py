@@ -554,6 +554,8 @@ def load_tree(path: str | os.PathLike) -> Tree:
     rebuild = f"rebuild it with: python -m masc_llamagen.tree build CODEBOOK --out {path}"
     if not path.is_file():
         raise TreeError(f"tree file not found: {path}; {rebuild}")
+    if not zipfile.is_zipfile(path):  # numpy would read it as a pickle and suggest loading it unsafely
+        raise TreeError(f"{path}: not a MASC tree file (not an .npz archive); {rebuild}")
     try:
         with np.load(path, allow_pickle=False) as f:
             if "linkage" not in f.files or "meta" not in f.files:
@@ -678,7 +680,6 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--k", type=int, required=True)
     s.add_argument("--png", help="write a cluster-size histogram and the top of the dendrogram here")
     args = ap.parse_args(argv)
-    from ..checkpoint import CheckpointError
 
     try:
         if args.cmd == "build":
@@ -703,8 +704,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(_stats_lines(tree, cut)))
             if args.png:
                 print(f"wrote {plot_stats(tree, cut, args.png)}")
-    except (TreeError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MascError, OSError) as e:  # a bad file or value: one line (an unwritable --out included)
+        from masc_llamagen.errors import describe_os_error
+
+        print(f"error: {describe_os_error(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
     return 0
 
