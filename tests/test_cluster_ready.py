@@ -76,10 +76,10 @@ def test_compiled_training_resumes_exactly_and_writes_plain_keys(tmp_path, asset
 def test_imagenet_config_finds_train_and_val_splits(tmp_path):
     from hydra import compose, initialize_config_dir
     from PIL import Image
+    from train_utils import CONFIGS
 
     from masc_llamagen.config import register
     from masc_llamagen.data.images import build_image_dataset, heldout_split
-    from train_utils import CONFIGS
 
     for split in ("train", "val"):
         (tmp_path / "imagenet" / split / "n01440764").mkdir(parents=True)

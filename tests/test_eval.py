@@ -83,6 +83,7 @@ def _score(env, generated, reference, **kw):
     )
 
 
+@pytest.mark.slow
 def test_fid_separates_real_from_noise_and_caches_reference(env):
     r_real = _score(env, env["real2"], env["ref"])
     cached = sorted((env["cache"] / "features").glob("ref-*.npz"))

@@ -81,6 +81,7 @@ def score(env, gen, ref, cache, **kw):
 # ---------------------------------------------------------------------------------------------------------------
 # ADM protocol: stored mu/sigma
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_adm_reference_fid_uses_stored_statistics_not_its_images(tmp_path, capsys):
     """A VIRTUAL_imagenet256_labeled.npz-style batch: FID against its mu/sigma, KID/PR from its arr_0."""
     weights = (inc.resolve_inception_weights(cache=tmp_path / "w") if inc.fid_helper_torchscript_path()
@@ -129,6 +130,7 @@ def test_statistics_only_reference_gives_fid_alone_and_says_why(env, tmp_path):
         score(env, gen, ref, tmp_path / "c", feature_layer="64")
 
 
+@pytest.mark.slow
 def test_stored_statistics_of_another_layer_are_not_used(env, tmp_path):
     gen, ref_images = real_images(8, 3000), real_images(8, 0)
     stored = fake_stats(2048, 3)
@@ -150,6 +152,7 @@ def test_payload_is_live(tmp_path):
     assert probe.exists()
 
 
+@pytest.mark.slow
 def test_planted_pickles_in_old_and_new_cache_never_run(env, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # torch-fidelity's default cache root too
     marker = tmp_path / "PWNED"
@@ -302,6 +305,7 @@ def test_bad_inputs_are_one_line_errors(env, tmp_path, capsys, monkeypatch):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_no_warning_when_fid_has_enough_images(env, tmp_path, capsys):
     gen, ref = real_images(66, 3000), real_images(66, 0)  # just above the 64 dimensions
     r = score(env, gen, ref, tmp_path / "c", feature_layer="64")

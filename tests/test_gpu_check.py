@@ -52,6 +52,7 @@ def test_cpu_dry_run_passes_every_stage_and_prints_every_row(tmp_path):
     assert (tmp_path / "out" / "gpu_check_logs.txt").is_file()
 
 
+@pytest.mark.slow
 def test_a_failing_stage_is_recorded_and_the_next_still_runs(tmp_path):
     """Without `prepare` there are no codes: train-small fails, sample-small still runs (and fails: no checkpoint)."""
     p, res, table = _run(tmp_path, "--stages", "train-small,sample-small", timeout=300)
@@ -65,6 +66,7 @@ def test_a_failing_stage_is_recorded_and_the_next_still_runs(tmp_path):
     assert "2 of 2 rows failed" in table
 
 
+@pytest.mark.slow
 def test_spent_budget_skips_stages_as_failures(tmp_path):
     p, res, _ = _run(tmp_path, "--stages", "prepare,train-b", "--budget", "1", timeout=120)
     assert p.returncode == 1

@@ -76,6 +76,7 @@ def trained(tmp_path_factory):
     return root, Path(out["checkpoint"])
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_one_process_npz_and_hold_only_their_share(trained, tmp_path):
     _, ckpt = trained
     one, two = tmp_path / "one", tmp_path / "two"

@@ -55,6 +55,7 @@ def test_resume_after_interruption_reproduces_losses_exactly(tmp_path, assets):
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, assets):
     """A real kill of the training process: the last good checkpoint survives and resume continues exactly."""
     args = _cli_overrides(tmp_path, assets, "train.steps=40", "train.ckpt_every=2")
@@ -91,6 +92,7 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, assets):
                          tmp_path / "a1" / "checkpoints" / "ckpt-00000003.pt")
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_double_batch(tmp_path, assets):
     """torchrun x 2 (gloo, per-process batch 4) vs 1 process with batch 8: same parameters."""
     common = _cli_overrides(tmp_path, assets, *NO_DROPOUT, "train.steps=4")
@@ -172,6 +174,7 @@ def test_codes_from_another_tokenizer_are_refused(tmp_path, assets):
         train(cfg)
 
 
+@pytest.mark.slow
 def test_in_training_fid_grids_and_acceleration_are_logged(tmp_path, assets, monkeypatch):
     """eval_every: FID/KID of EMA samples vs held-out Fashion-MNIST; a baseline curve gives acceleration."""
     import json
@@ -199,6 +202,7 @@ def test_in_training_fid_grids_and_acceleration_are_logged(tmp_path, assets, mon
     assert (tmp_path / "e" / "samples" / "step00000004.png").is_file()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, assets):
     """Cluster pre-emption: SIGTERM -> checkpoint at the current step, exit code 0; rerun finishes the run."""
     args = _cli_overrides(tmp_path, assets, "train.steps=100000", "train.ckpt_every=1000")
@@ -238,6 +242,7 @@ def test_ema_warms_up_so_short_runs_are_not_the_initialisation():
     assert keep < 0.6 * 0.999**600  # far less of the initialisation than a constant decay would keep
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_with_resume_match_one_process(tmp_path, assets):
     """FSDP2 (gloo, 2 ranks), interrupted after 2 steps and resumed, ends where 1 process x 8 does after 4."""
     common = _cli_overrides(tmp_path, assets, *NO_DROPOUT, "train.distributed=fsdp", "train.steps=4",
