@@ -135,7 +135,7 @@ def _parity_in_process(path, capsys):
 def test_parity_cli_passes_on_the_golden_fixtures(fixture_dir):
     r = _run_parity(fixture_dir)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "6/6 checks passed" in r.stdout
+    assert "14/14 checks passed" in r.stdout
 
 
 def _write_gpt_fixture(d, model, cfg, labels, tokens, logits, greedy):

@@ -186,3 +186,29 @@ def test_bad_sampling_arguments_raise():
 def test_unknown_config_key_is_refused():
     with pytest.raises(ValueError, match="unknown GPT config keys"):
         GPTConfig.from_dict({"dim": 64, "n_layers": 2})
+
+
+def test_valid_flag_zeroes_invalid_samples_in_class_conditional_training():
+    """The per-sample ``valid`` flag works for c2i too: a bad label/tokens in an invalid sample are never read."""
+    model = _random_model(7)
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 37, (3, 25), generator=g)
+    labels = torch.tensor([0, 99, 2])  # 99: out of range, the sample is flagged invalid
+
+    def grads(tok, lab, valid):
+        model.zero_grad(set_to_none=True)
+        _, loss = model(tok[:, :-1], lab, targets=tok, valid=valid)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    valid = torch.tensor([1.0, 0.0, 1.0])
+    loss, g1 = grads(tokens, labels, valid)
+    tokens2 = tokens.clone()
+    tokens2[1] = torch.randint(0, 37, (25,), generator=g)
+    loss2, g2 = grads(tokens2, labels, valid)
+    assert torch.equal(loss, loss2) and all(torch.equal(a, b) for a, b in zip(g1, g2, strict=True))
+    keep = torch.tensor([0, 2])
+    loss3, g3 = grads(tokens[keep], labels[keep], None)
+    torch.testing.assert_close(loss, loss3, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g1, g3, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

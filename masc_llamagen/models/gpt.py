@@ -1,13 +1,22 @@
-"""LlamaGen's class-conditional GPT, weight-compatible with the released checkpoints.
+"""LlamaGen's GPT, class-conditional (``c2i``) or caption-conditional (``t2i``), weight-compatible with the
+released checkpoints.
 
 The state-dict keys, shapes and parameter counts equal upstream's for every released config (tested against
-``tests/fixtures/llamagen/shapes.json``). The vocabulary size is a plain parameter: MASC swaps the N-way token
-table and head for k-way ones and nothing else changes. The model knows nothing of heads, Hydra or W&B.
+``tests/fixtures/llamagen/shapes.json`` and ``tests/fixtures/llamagen_t2i/t2i_shapes.json``). The vocabulary size
+is a plain parameter: MASC swaps the N-way token table and head for k-way ones and nothing else changes. The model
+knows nothing of heads, Hydra or W&B.
 
-Two details the released weights depend on, reproduced exactly:
-  * 2-D RoPE where the class position gets all-zero rotation rows (not the identity): its q and k vanish, so the
-    class reaches the image tokens only through the attention values;
-  * RMSNorm computed in float32, logits returned in float32.
+Details the released weights depend on, reproduced exactly:
+  * 2-D RoPE where the ``cls_token_num`` condition positions get all-zero rotation rows (not the identity): their
+    q and k vanish, so the condition reaches the image tokens only through the attention values;
+  * RMSNorm computed in float32, logits returned in float32;
+  * t2i: ``cls_token_num`` (120 upstream) caption slots, captions right-aligned (left-padded with zero rows); the
+    caption MLP ``cls_embedding.cap_proj.fc1/fc2`` (no biases, tanh-GELU) and the null caption
+    ``cls_embedding.uncond_embedding``, a persistent buffer loaded from the checkpoint and never trained. Padded
+    caption slots are masked as keys for every query, with the diagonal kept so no row is empty.
+
+The sequence is ``[cond_0 .. cond_{T-1}, tok_0 .. tok_{L-2}]`` (T = ``cls_token_num``); the training forward
+returns the logits at positions T-1 .. T+L-2, the ones that predict ``tok_0 .. tok_{L-1}``.
 """
 
 from __future__ import annotations
@@ -46,10 +55,14 @@ class GPTConfig:
     # The null-class row CFG samples with. None: upstream's rule (present iff class_dropout_prob > 0), which the
     # released files follow; our training sets True, so CFG never depends on a dropout setting.
     null_class: bool | None = None
+    # t2i: width of the caption features (flan-t5-xl: 2048). The slot count is cls_token_num: 120 upstream, the
+    # default that gpt_config and from_dict give a t2i config (the dataclass default 1 is the c2i class slot).
+    caption_dim: int = 2048
 
     def __post_init__(self) -> None:
-        if self.model_type != "c2i":
-            raise ValueError(f"model_type={self.model_type!r} is not supported; only class-conditional 'c2i' is")
+        if self.model_type not in ("c2i", "t2i"):
+            raise ValueError(f"model_type={self.model_type!r} is not supported; use 'c2i' (class-conditional) or "
+                             "'t2i' (caption-conditional)")
         if self.dim % self.n_head:
             raise ValueError(f"dim={self.dim} is not divisible by n_head={self.n_head}; pick compatible sizes")
         if (self.dim // self.n_head) % 4:
@@ -59,13 +72,22 @@ class GPTConfig:
             raise ValueError(f"block_size={self.block_size} must be a square (grid side^2), e.g. 256 for 16x16")
         if self.vocab_size < 1 or self.num_classes < 1:
             raise ValueError(f"vocab_size ({self.vocab_size}) and num_classes ({self.num_classes}) must be >= 1")
+        if self.model_type == "t2i" and self.null_class is False:
+            raise ValueError("t2i models always carry the null caption (cls_embedding.uncond_embedding): "
+                             "leave null_class unset")
         if self.null_class is False and self.class_dropout_prob > 0:
             raise ValueError("class dropout swaps in the null class: null_class=False needs class_dropout_prob=0")
-        if self.cls_token_num != 1:
+        if self.model_type == "c2i" and self.cls_token_num != 1:
             raise ValueError("cls_token_num must be 1 for class-conditional models")
+        if self.model_type == "t2i":
+            if self.cls_token_num < 1 or self.caption_dim < 1:
+                raise ValueError(f"t2i needs cls_token_num ({self.cls_token_num}, caption slots; 120 upstream) and "
+                                 f"caption_dim ({self.caption_dim}, caption width; 2048 for flan-t5-xl) >= 1")
 
     @property
     def has_null_class(self) -> bool:
+        if self.model_type == "t2i":
+            return True
         return self.class_dropout_prob > 0 if self.null_class is None else bool(self.null_class)
 
     @property
@@ -85,10 +107,13 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
+        """From JSON / a checkpoint / registry + overrides; a t2i dict without ``cls_token_num`` gets upstream's 120."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown GPT config keys {unknown}; valid keys are {sorted(known)}")
+        if d.get("model_type") == "t2i" and "cls_token_num" not in d:
+            d = {**d, "cls_token_num": T2I_CAPTION_SLOTS}
         return cls(**d)
 
 
@@ -107,10 +132,18 @@ GPT_CONFIGS: dict[str, dict] = {
 }
 
 
+# Upstream's caption slots (flan-t5-xl features, at most 120 tokens): the default cls_token_num of a t2i config.
+T2I_CAPTION_SLOTS = 120
+
+
 def gpt_config(name: str, **overrides) -> GPTConfig:
-    """A registry config with overrides (vocab_size, block_size, num_classes, dropouts ...)."""
+    """A registry config with overrides (vocab_size, block_size, num_classes, dropouts ...).
+
+    ``model_type="t2i"`` defaults ``cls_token_num`` to upstream's 120 caption slots unless it is given."""
     if name not in GPT_CONFIGS:
         raise ValueError(f"unknown GPT config {name!r}; choose one of {sorted(GPT_CONFIGS)}")
+    if overrides.get("model_type") == "t2i":
+        overrides.setdefault("cls_token_num", T2I_CAPTION_SLOTS)
     return GPTConfig(**{**GPT_CONFIGS[name], **overrides})
 
 
@@ -146,6 +179,49 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     cos, sin = t[..., 0], t[..., 1]
     out = torch.stack([xp[..., 0] * cos - xp[..., 1] * sin, xp[..., 1] * cos + xp[..., 0] * sin], dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+def right_align_captions(captions: list[torch.Tensor], slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place captions (each (L_b, C), 1 <= L_b <= slots) in ``slots`` rows, right-aligned: padding rows are zero.
+
+    Returns ``(features (B, slots, C), mask (B, slots) bool, True on caption slots)``, the layout the t2i model
+    and upstream's released weights expect."""
+    if not captions:
+        raise ValueError("right_align_captions needs at least one caption")
+    width = captions[0].shape[-1]
+    feats = captions[0].new_zeros(len(captions), slots, width)
+    mask = torch.zeros(len(captions), slots, dtype=torch.bool, device=feats.device)
+    for b, cap in enumerate(captions):
+        if cap.dim() != 2 or cap.shape[-1] != width or not 0 < cap.shape[0] <= slots:
+            raise ValueError(f"caption {b} has shape {tuple(cap.shape)}; need (L, {width}) with 1 <= L <= {slots}")
+        feats[b, slots - cap.shape[0]:] = cap
+        mask[b, slots - cap.shape[0]:] = True
+    return feats, mask
+
+
+def attention_mask(key_ok: torch.Tensor, q_pos: torch.Tensor, end: int) -> torch.Tensor:
+    """(B, 1, Q, end) bool: query at position ``q_pos[i]`` sees key ``j`` iff ``j <= q_pos[i]`` and (``key_ok[b, j]``
+    or ``j == q_pos[i]``). The diagonal is kept so a padded caption slot, whose every key is masked, still attends
+    to itself (a row with no key gives NaN on the math SDPA path and would poison the later layers)."""
+    k = torch.arange(end, device=q_pos.device)
+    causal = k[None, :] <= q_pos[:, None]
+    diag = k[None, :] == q_pos[:, None]
+    return (causal[None] & (key_ok[:, None, :end] | diag[None]))[:, None]
+
+
+def caption_attention_mask(caption_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The training mask of a caption-conditional sequence of ``seq_len`` positions whose first ``T`` are the caption
+    slots of ``caption_mask`` (B, T): causal, padded caption keys masked for every query, the diagonal kept."""
+    return attention_mask(_key_ok(caption_mask, seq_len), torch.arange(seq_len, device=caption_mask.device), seq_len)
+
+
+def _key_ok(caption_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) bool: the caption mask on the first T key positions, True on every image position after."""
+    b, t = caption_mask.shape
+    cap = caption_mask.to(torch.bool)
+    if length <= t:
+        return cap[:, :length]
+    return torch.cat([cap, torch.ones(b, length - t, dtype=torch.bool, device=cap.device)], dim=1)
 
 
 class KVCache:
@@ -231,11 +307,53 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels).unsqueeze(1)
 
 
+class CaptionMLP(nn.Module):
+    """``fc2(gelu_tanh(fc1(x)))`` without biases: caption width -> model width (upstream's ``cap_proj``)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, dim, bias=False)
+        self.fc2 = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption features (B, slots, C) -> (B, slots, dim), with the null caption used by caption dropout and CFG.
+
+    ``uncond_embedding`` (slots, C) is a persistent buffer: saved in and loaded (strictly) from the state dict, never
+    a parameter, so no optimizer sees it. In training each sample's whole caption (padding rows included) is
+    replaced by it with probability ``dropout_prob``; its caption mask is left as it was (as upstream)."""
+
+    def __init__(self, caption_dim: int, dim: int, slots: int, dropout_prob: float):
+        super().__init__()
+        self.slots, self.caption_dim, self.dropout_prob = slots, caption_dim, dropout_prob
+        self.register_buffer("uncond_embedding", torch.randn(slots, caption_dim) / caption_dim**0.5, persistent=True)
+        self.cap_proj = CaptionMLP(caption_dim, dim)
+
+    def forward(self, caption: torch.Tensor, force_drop: torch.Tensor | None = None) -> torch.Tensor:
+        if caption.dim() != 3 or tuple(caption.shape[1:]) != (self.slots, self.caption_dim):
+            raise ValueError(f"caption features have shape {tuple(caption.shape)}; need (B, {self.slots}, "
+                             f"{self.caption_dim}): right-aligned in cls_token_num slots, caption_dim wide")
+        caption = caption.to(self.cap_proj.fc1.weight.dtype)
+        drop = force_drop
+        if drop is None and self.training and self.dropout_prob > 0:
+            drop = torch.rand(caption.shape[0], device=caption.device) < self.dropout_prob
+        if drop is not None:
+            null = self.uncond_embedding.to(caption.dtype)
+            caption = torch.where(drop.to(caption.device, torch.bool)[:, None, None], null, caption)
+        return self.cap_proj(caption)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
-        self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob, cfg.has_null_class)
+        if cfg.model_type == "t2i":
+            self.cls_embedding = CaptionEmbedder(cfg.caption_dim, cfg.dim, cfg.cls_token_num, cfg.class_dropout_prob)
+        else:
+            self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob, cfg.has_null_class)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
@@ -244,6 +362,7 @@ class GPT(nn.Module):
         # Not a buffer: the released state dicts do not hold it, and it must stay float32 under bf16 casts.
         self._rope = rope_2d_table(cfg) if not self.output.weight.is_meta else None
         self.max_cache_len = 0
+        self._cache_keys: torch.Tensor | None = None  # t2i: (B, T) caption mask of the cached sequences
         if not self.output.weight.is_meta:
             self.initialize_weights()
 
@@ -269,53 +388,118 @@ class GPT(nn.Module):
             layer.attention.kv_cache = KVCache(batch, self.config.n_head, max_len, self.config.head_dim,
                                                dtype or p.dtype, p.device)
         self.max_cache_len = max_len
+        self._cache_keys = None
 
     def clear_caches(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
         self.max_cache_len = 0
+        self._cache_keys = None
 
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor | None, cond_idx: torch.Tensor | None,
-                input_pos: torch.Tensor | None = None, targets: torch.Tensor | None = None):
-        """Training / full forward: ``forward(tokens[:, :-1], labels)`` -> logits (B, L, V) for [cls, tok_0..].
+                input_pos: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                caption_mask: torch.Tensor | None = None, valid: torch.Tensor | None = None):
+        """Training / full forward: ``forward(tokens[:, :-1], cond, targets=tokens)`` -> ``(logits, loss)``.
 
-        With a KV cache set up, ``input_pos`` selects the positions being written: ``forward(None, labels,
-        arange(1))`` prefills the class, ``forward(tok[:, None], None, tensor([t]))`` decodes one step.
-        Returns ``(logits_float32, loss_or_None)``.
+        ``cond``: class ids (B,) for c2i; for t2i caption features (B, T, caption_dim), right-aligned in the
+        T = ``cls_token_num`` slots, with ``caption_mask`` (B, T), 1 on caption slots (None: every slot is caption).
+        The attention mask is built here, on the model's device. Logits (float32) are returned for the positions
+        that predict image tokens: (B, L, V) for L - 1 input tokens (positions T-1 .. T+L-2).
+
+        ``valid`` (B,) bool/0-1: samples with 0 (missing or corrupt data) contribute exactly zero gradient and do
+        not count in the mean: loss = sum of the valid samples' token losses / their token count (a zero loss,
+        still on the graph, if none is valid). Their inputs are replaced by zeros first, so NaN features or
+        out-of-range ids in them cannot reach the rest of the batch.
+
+        With a KV cache set up, ``input_pos`` selects the (ascending, contiguous) positions being written:
+        ``forward(None, cond, arange(T), caption_mask=m)`` prefills the condition (t2i: the caption mask is kept
+        for the decode steps), ``forward(tok[:, None], None, tensor([t]))`` decodes one step.
         """
+        cfg = self.config
+        t2i = cfg.model_type == "t2i"
+        n_cond = cfg.cls_token_num
+        if caption_mask is not None and not t2i:
+            raise ValueError("caption_mask is for caption-conditional models (model_type='t2i')")
+        if valid is not None:
+            idx, cond_idx, targets = self._sanitize(valid, idx, cond_idx, targets)
+            valid = valid.to(device=(idx if idx is not None else cond_idx).device).reshape(-1).to(torch.bool)
         parts = []
         if cond_idx is not None:
-            parts.append(self.cls_embedding(cond_idx)[:, : self.config.cls_token_num])
+            parts.append(self.cls_embedding(cond_idx) if t2i else self.cls_embedding(cond_idx)[:, :n_cond])
         if idx is not None:
             parts.append(self.tok_embeddings(idx))
         if not parts:
             raise ValueError("forward needs idx, cond_idx or both")
         h = self.tok_dropout(torch.cat(parts, dim=1))
-        s = h.shape[1]
+        b, s = h.shape[:2]
+        key_ok = None
+        if caption_mask is not None:
+            if tuple(caption_mask.shape) != (b, n_cond):
+                raise ValueError(f"caption_mask has shape {tuple(caption_mask.shape)}; need ({b}, {n_cond})")
+            key_ok = caption_mask.to(device=h.device, dtype=torch.bool)
         rope_all = self.rope(h.device)
         cached = self.layers[0].attention.kv_cache is not None
+        skip = 0  # leading positions whose outputs predict no image token (the first T-1 caption slots)
         if cached:
             if input_pos is None:
                 raise ValueError("input_pos is required when the KV cache is set up")
             end = int(input_pos.max()) + 1
             if end > self.max_cache_len:
                 raise ValueError(f"position {end - 1} exceeds the KV cache length {self.max_cache_len}")
-            mask = torch.arange(end, device=h.device)[None, :] <= input_pos[:, None]
+            if t2i:
+                if key_ok is not None:
+                    self._cache_keys = key_ok
+                elif self._cache_keys is not None:
+                    key_ok = self._cache_keys[:b]
+            if key_ok is not None:
+                mask = attention_mask(_key_ok(key_ok, end), input_pos, end)
+            else:
+                mask = torch.arange(end, device=h.device)[None, :] <= input_pos[:, None]
             rope, pos = rope_all[input_pos], input_pos
+            if n_cond > 1:
+                skip = max(0, n_cond - 1 - int(input_pos.min()))
         else:
             if s > rope_all.shape[0]:
                 raise ValueError(f"sequence of {s} positions exceeds block_size + cls ({rope_all.shape[0]})")
             if input_pos is not None and not torch.equal(input_pos.cpu(), torch.arange(s)):
                 raise ValueError("without a KV cache the forward covers positions 0..S-1; set up caches first")
-            rope, pos, end, mask = rope_all[:s], None, None, None
+            if t2i and cond_idx is None:
+                raise ValueError("without a KV cache a t2i forward needs the caption features (cond_idx)")
+            rope, pos, end = rope_all[:s], None, None
+            mask = None if key_ok is None else attention_mask(_key_ok(key_ok, s), torch.arange(s, device=h.device), s)
+            skip = n_cond - 1
         for layer in self.layers:
             h = layer(h, rope, pos, end, mask)
+        if skip:
+            h = h[:, skip:]
         logits = self.output(self.norm(h)).float()
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            if valid is None:
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            else:
+                per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                            reduction="none").view(b, -1)
+                keep = valid[:, None].expand_as(per_token)
+                loss = torch.where(keep, per_token, torch.zeros_like(per_token)).sum() / keep.sum().clamp_min(1)
         return logits, loss
+
+    def _sanitize(self, valid, idx, cond_idx, targets):
+        """Zero the inputs of invalid samples (with ``where``, so NaN/inf and bad ids are dropped, not multiplied)."""
+        ref = idx if idx is not None else cond_idx
+        if ref is None:
+            raise ValueError("forward needs idx, cond_idx or both")
+        v = valid.to(device=ref.device).reshape(-1).to(torch.bool)
+        if v.shape[0] != ref.shape[0]:
+            raise ValueError(f"valid has {v.shape[0]} entries for a batch of {ref.shape[0]}; pass one flag per sample")
+
+        def clean(x):
+            if x is None:
+                return None
+            return torch.where(v.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros_like(x))
+
+        return clean(idx), clean(cond_idx), clean(targets)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -328,4 +512,5 @@ def build_gpt(cfg: GPTConfig | str, **overrides) -> GPT:
     return GPT(gpt_config(cfg, **overrides) if isinstance(cfg, str) else cfg)
 
 
-__all__ = ["GPT", "GPTConfig", "GPT_CONFIGS", "KVCache", "build_gpt", "gpt_config", "rope_2d_table"]
+__all__ = ["GPT", "GPTConfig", "GPT_CONFIGS", "T2I_CAPTION_SLOTS", "CaptionEmbedder", "KVCache", "attention_mask",
+           "build_gpt", "caption_attention_mask", "gpt_config", "right_align_captions", "rope_2d_table"]

@@ -1,8 +1,9 @@
 """Autoregressive sampling with a static KV cache, classifier-free guidance, temperature, top-k and top-p.
 
-Prefill the class position, then decode one token per step. CFG doubles the batch with the null class
-(conditional half first) and mixes ``uncond + s * (cond - uncond)`` before temperature; after an optional
-interval only the conditional half is run. The sampler works on any vocabulary size: for MASC heads it returns
+Prefill the condition (the class position, or a t2i model's ``cls_token_num`` caption slots), then decode one token
+per step. CFG doubles the batch with the null class (t2i: the null caption ``uncond_embedding``, under its paired
+caption's mask), conditional half first, and mixes ``uncond + s * (cond - uncond)`` before temperature; after an
+optional interval only the conditional half is run. The sampler works on any vocabulary size: for MASC heads it returns
 cluster ids that a head's decoder turns into tokens.
 """
 
@@ -86,7 +87,10 @@ def pick_tokens(logits: torch.Tensor, sc: SamplingConfig, u: torch.Tensor | None
 
 
 def check_null_class(model: GPT, cfg_scale: float) -> None:
-    """CFG runs the null class (row ``num_classes``): a model trained with class_dropout_prob=0 has none."""
+    """CFG runs the null class (row ``num_classes``): a model trained with class_dropout_prob=0 has none.
+    A t2i model always has its null caption (``cls_embedding.uncond_embedding``, loaded from the checkpoint)."""
+    if getattr(model.config, "model_type", "c2i") == "t2i":
+        return
     if cfg_scale > 1.0 and model.cls_embedding.embedding_table.num_embeddings <= model.config.num_classes:
         raise SamplingError("this model has no null class (trained with class_dropout_prob=0): use cfg_scale=1.0")
 
@@ -100,12 +104,41 @@ def _guide(logits: torch.Tensor, scale: float, guided: bool) -> torch.Tensor:
     return uncond + scale * (cond - uncond) if guided else cond
 
 
+def check_captions(model: GPT, captions: torch.Tensor, caption_mask: torch.Tensor | None) -> torch.Tensor:
+    """Validate t2i caption features (B, T, C) and their mask (B, T); returns the mask as bool (all True if None).
+
+    Captions must be right-aligned (left-padded): in each row the mask is 0 .. 0 then 1 .. 1, so the last slot,
+    whose output predicts the first image token, is a caption slot whenever the caption is not empty."""
+    cfg = model.config
+    t, c = cfg.cls_token_num, cfg.caption_dim
+    if not torch.is_tensor(captions) or captions.dim() != 3 or tuple(captions.shape[1:]) != (t, c) \
+            or not captions.is_floating_point():
+        shape = tuple(captions.shape) if torch.is_tensor(captions) else type(captions).__name__
+        raise SamplingError(f"caption features have shape {shape}; a t2i model needs float (B, {t}, {c}) features, "
+                            f"right-aligned in its cls_token_num={t} slots")
+    b = captions.shape[0]
+    if caption_mask is None:
+        return torch.ones(b, t, dtype=torch.bool, device=captions.device)
+    if tuple(caption_mask.shape) != (b, t):
+        raise SamplingError(f"caption_mask has shape {tuple(caption_mask.shape)}; need ({b}, {t}), 1 on caption slots")
+    if not ((caption_mask == 0) | (caption_mask == 1)).all():
+        raise SamplingError("caption_mask must hold only 0/1 (or bool): 1 on caption slots, 0 on padding")
+    m = caption_mask.to(torch.bool)
+    if b and t > 1 and (m[:, 1:].int() < m[:, :-1].int()).any():
+        raise SamplingError("captions must be right-aligned (left-padded): each caption_mask row is 0 .. 0, 1 .. 1")
+    return m
+
+
 @torch.no_grad()
 def generate(model: GPT, labels: torch.Tensor, num_tokens: int | None = None,
              sampling: SamplingConfig | None = None, generator: torch.Generator | None = None,
              dtype: torch.dtype = torch.float32, use_cache: bool = True,
-             uniforms: torch.Tensor | None = None) -> torch.Tensor:
+             uniforms: torch.Tensor | None = None, caption_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sample ``num_tokens`` (default: the model's block size) ids per label; returns (B, num_tokens) int64.
+
+    ``labels``: class ids (B,) for a c2i model; for a t2i model the caption features (B, T, caption_dim),
+    right-aligned in its T = ``cls_token_num`` slots, with ``caption_mask`` (B, T), 1 on caption slots (None: every
+    slot is caption). With CFG the null caption runs under its paired caption's mask, as upstream.
 
     Token ``t`` of row ``b`` is the inverse-cdf draw of ``uniforms[b, t]`` (B, num_tokens) in [0, 1), so a row's
     tokens depend on its own uniforms only, not on the batch it runs in. Without ``uniforms`` they are drawn up
@@ -117,10 +150,15 @@ def generate(model: GPT, labels: torch.Tensor, num_tokens: int | None = None,
     """
     sc = sampling or SamplingConfig()
     cfg = model.config
+    t2i = getattr(cfg, "model_type", "c2i") == "t2i"
     n = num_tokens or cfg.block_size
     if not 1 <= n <= cfg.block_size:
         raise SamplingError(f"num_tokens={n} must be in [1, block_size={cfg.block_size}]")
-    if labels.dim() != 1 or (labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes)):
+    if t2i:
+        caption_mask = check_captions(model, labels, caption_mask)
+    elif caption_mask is not None:
+        raise SamplingError("caption_mask is for caption-conditional (t2i) models; a c2i model takes class ids only")
+    elif labels.dim() != 1 or (labels.numel() and (labels.min() < 0 or labels.max() >= cfg.num_classes)):
         raise SamplingError(f"labels must be a 1-D tensor of class ids in [0, {cfg.num_classes})")
     device = model.output.weight.device
     b = labels.shape[0]
@@ -136,8 +174,19 @@ def generate(model: GPT, labels: torch.Tensor, num_tokens: int | None = None,
             raise SamplingError(f"uniforms have shape {tuple(uniforms.shape)}; need ({b}, >= {n}), one per token")
         u = uniforms.to(device)
     labels = labels.to(device)
+    if t2i:
+        caption_mask = caption_mask.to(device)
     if use_cfg:
-        labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
+        if t2i:  # the null caption, all T rows, under the paired caption's mask
+            null = model.cls_embedding.uncond_embedding.to(device, labels.dtype).expand(b, -1, -1)
+            labels = torch.cat([labels, null])
+            caption_mask = torch.cat([caption_mask, caption_mask])
+        else:
+            labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])
+
+    def cond_kw(rows: int) -> dict:  # c2i models are called exactly as before (no extra keyword)
+        return {"caption_mask": caption_mask[:rows]} if t2i else {}
+
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
     was_training = model.training
     model.eval()
@@ -146,9 +195,10 @@ def generate(model: GPT, labels: torch.Tensor, num_tokens: int | None = None,
         with autocast:
             if use_cache:
                 model.setup_caches(labels.shape[0], cfg.cls_token_num + n, dtype=dtype)
-                logits, _ = model(None, labels, torch.arange(cfg.cls_token_num, device=device))
+                logits, _ = model(None, labels, torch.arange(cfg.cls_token_num, device=device),
+                                  **cond_kw(labels.shape[0]))
             else:
-                logits, _ = model(None, labels)
+                logits, _ = model(None, labels, **cond_kw(labels.shape[0]))
             nxt = pick_tokens(_guide(logits[:, -1], sc.cfg_scale, True) if use_cfg else logits[:, -1], sc, _col(u, 0))
             out[:, 0] = nxt
             for t in range(1, n):
@@ -159,7 +209,7 @@ def generate(model: GPT, labels: torch.Tensor, num_tokens: int | None = None,
                     pos = torch.tensor([cfg.cls_token_num + t - 1], device=device)
                     logits, _ = model(x, None, pos)
                 else:
-                    logits, _ = model(out[:, :t].repeat(rows // b, 1), labels[:rows])
+                    logits, _ = model(out[:, :t].repeat(rows // b, 1), labels[:rows], **cond_kw(rows))
                 last = logits[:, -1]
                 nxt = pick_tokens(_guide(last, sc.cfg_scale, True) if guided else last, sc, _col(u, t))
                 out[:, t] = nxt
