@@ -18,6 +18,8 @@ class ModelSchema:
     """Architecture only; vocabulary comes from the head, grid and classes from the data."""
 
     arch: str = MISSING  # a masc_llamagen.models.gpt.GPT_CONFIGS name
+    model_type: str = "c2i"  # c2i (class ids) | t2i (caption features; task=t2i sets it)
+    cls_token_num: int | None = None  # condition slots; null: 1 for c2i, 120 for t2i (LlamaGen's)
     token_dropout_p: float = 0.1
     resid_dropout_p: float = 0.1
     ffn_dropout_p: float = 0.1
@@ -54,6 +56,16 @@ class DataSchema:
     root: str | None = None  # image root for imagefolder datasets
     augment: bool = True  # draw one stored augmentation variant per sample
     num_workers: int = 0
+
+
+@dataclass
+class TextSchema:
+    """Caption features for task=t2i: extracted once (``python -m masc_llamagen.text.extract``), read by training."""
+
+    encoder: str = "wordllama"  # wordllama (offline default: contextless per-token embeddings) | flan_t5_xl
+    path: str | None = None  # local model directory (flan_t5_xl); wordllama ships in its package
+    features: str | None = None  # packed features of the training captions
+    heldout_features: str | None = None  # packed features of the held-out captions (in-training FID, grids)
 
 
 @dataclass
@@ -120,6 +132,7 @@ class TrainConfig:
     head: HeadSchema = field(default_factory=HeadSchema)
     tokenizer: TokenizerSchema = field(default_factory=TokenizerSchema)
     data: DataSchema = field(default_factory=DataSchema)
+    text: TextSchema = field(default_factory=TextSchema)
     optim: OptimSchema = field(default_factory=OptimSchema)
     train: TrainSchema = field(default_factory=TrainSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
@@ -127,7 +140,7 @@ class TrainConfig:
 
 
 GROUPS = {"model": ModelSchema, "head": HeadSchema, "tokenizer": TokenizerSchema, "data": DataSchema,
-          "optim": OptimSchema, "train": TrainSchema, "logger": LoggerSchema, "paths": PathsSchema}
+          "text": TextSchema, "optim": OptimSchema, "train": TrainSchema, "logger": LoggerSchema, "paths": PathsSchema}
 
 
 def _short_hash(s: str) -> str:
@@ -152,12 +165,13 @@ _CHOICES = {
     "head.decoder": ("uniform", "frequency"),
     "logger.kind": ("wandb", "tensorboard", "none"),
     "logger.mode": ("offline", "online", "disabled"),
+    "model.model_type": ("c2i", "t2i"),
 }
 _AT_LEAST = {  # key: minimum (None values are allowed where the schema says Optional)
     "train.steps": 1, "train.global_batch_size": 1, "train.grad_accum": 1, "train.ckpt_every": 1, "train.log_every": 1,
     "train.keep_last": 0, "train.sample_every": 0, "train.eval_every": 0, "train.eval_samples": 2,
     "train.eval_reference": 2, "train.stop_after": 1, "optim.warmup_steps": 0, "data.num_workers": 0,
-    "data.image_size": 1, "head.k": 2, "head.compare_k": 2,
+    "data.image_size": 1, "head.k": 2, "head.compare_k": 2, "model.cls_token_num": 1,
 }
 _POSITIVE = ("optim.lr", "optim.eps", "train.peak_tflops")
 _NON_NEGATIVE = ("optim.final_lr", "optim.weight_decay", "optim.grad_clip", "head.smoothing", "train.sample_cfg_scale")
@@ -222,5 +236,9 @@ def validate(cfg) -> None:
         problems.append(f"optim.betas={list(betas)} must be two numbers in [0, 1)")
     if get("head.name") != "flat" and get("head.k") is None:
         problems.append(f"head={get('head.name')} needs head.k (the number of clusters)")
+    if get("model.model_type") == "t2i" and not get("text.features"):
+        problems.append("task=t2i needs text.features: the packed caption features of the training set")
+    if get("model.model_type") == "c2i" and get("model.cls_token_num") not in (None, 1):
+        problems.append(f"model.cls_token_num={get('model.cls_token_num')}: a class-conditional model has 1 slot")
     if problems:
         raise ConfigError("; ".join(problems))

@@ -399,7 +399,8 @@ class GPT(nn.Module):
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor | None, cond_idx: torch.Tensor | None,
                 input_pos: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                caption_mask: torch.Tensor | None = None, valid: torch.Tensor | None = None):
+                caption_mask: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                caption_drop: torch.Tensor | None = None):
         """Training / full forward: ``forward(tokens[:, :-1], cond, targets=tokens)`` -> ``(logits, loss)``.
 
         ``cond``: class ids (B,) for c2i; for t2i caption features (B, T, caption_dim), right-aligned in the
@@ -411,6 +412,9 @@ class GPT(nn.Module):
         not count in the mean: loss = sum of the valid samples' token losses / their token count (a zero loss,
         still on the graph, if none is valid). Their inputs are replaced by zeros first, so NaN features or
         out-of-range ids in them cannot reach the rest of the batch.
+
+        ``caption_drop`` (B,) bool (t2i): these samples get the null caption (CFG training). The training loop draws
+        it in the data pipeline, per (seed, epoch, item), so a resumed run drops the same captions.
 
         With a KV cache set up, ``input_pos`` selects the (ascending, contiguous) positions being written:
         ``forward(None, cond, arange(T), caption_mask=m)`` prefills the condition (t2i: the caption mask is kept
@@ -426,7 +430,8 @@ class GPT(nn.Module):
             valid = valid.to(device=(idx if idx is not None else cond_idx).device).reshape(-1).to(torch.bool)
         parts = []
         if cond_idx is not None:
-            parts.append(self.cls_embedding(cond_idx) if t2i else self.cls_embedding(cond_idx)[:, :n_cond])
+            parts.append(self.cls_embedding(cond_idx, force_drop=caption_drop) if t2i
+                         else self.cls_embedding(cond_idx)[:, :n_cond])
         if idx is not None:
             parts.append(self.tok_embeddings(idx))
         if not parts:

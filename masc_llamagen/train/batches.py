@@ -57,11 +57,52 @@ class EpochIndexed(Dataset):
         epoch, i = key
         self.codes.set_epoch(epoch)
         tokens, label = self.codes[i]
-        dropped = self.p > 0 and np.random.default_rng([self.seed, epoch, i, 7]).random() < self.p
-        return tokens, (self.null if dropped else int(label))
+        return tokens, (self.null if _dropped(self.seed, epoch, i, self.p) else int(label))
+
+
+def _dropped(seed: int, epoch: int, i: int, p: float) -> bool:
+    return p > 0 and np.random.default_rng([seed, epoch, i, 7]).random() < p
+
+
+class EpochIndexedCaptions(Dataset):
+    """Text-to-image: (epoch, index) -> (tokens, item, dropped); the caption features are gathered per batch."""
+
+    def __init__(self, codes, seed: int, caption_dropout: float):
+        self.codes, self.seed, self.p = codes, seed, caption_dropout
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        self.codes.set_epoch(epoch)
+        tokens, item = self.codes[i]
+        return tokens, int(item), _dropped(self.seed, epoch, i, self.p)
 
 
 def collate(items):
+    """Class-conditional batch: tokens (B, L) and the model's keyword inputs."""
     tokens = torch.stack([torch.as_tensor(t, dtype=torch.long) for t, _ in items])
     labels = torch.tensor([label for _, label in items], dtype=torch.long)
-    return tokens, labels
+    return tokens, {"cond_idx": labels}
+
+
+class CaptionCollate:
+    """Text-to-image batch: right-aligned caption features (B, slots, C) float16 with their mask, which samples
+    get the null caption, and which are valid (an unreadable image or a missing feature row costs no gradient).
+    Masks are (B, slots); the (B, S, S) attention mask is built on the device by the model."""
+
+    def __init__(self, store, item_valid: np.ndarray | None = None):
+        self.store, self.item_valid = store, item_valid
+
+    def __call__(self, items):
+        tokens = torch.stack([torch.as_tensor(t, dtype=torch.long) for t, _, _ in items])
+        idx = np.array([item for _, item, _ in items], dtype=np.int64)
+        feats, mask = self.store.batch(idx)
+        valid = np.asarray(self.store.valid(idx), dtype=bool)
+        if self.item_valid is not None:
+            valid &= self.item_valid[idx]
+        return tokens, {"cond_idx": torch.as_tensor(feats).to(torch.float16),
+                        "caption_mask": torch.as_tensor(mask, dtype=torch.bool),
+                        "caption_drop": torch.tensor([d for _, _, d in items], dtype=torch.bool),
+                        "valid": torch.from_numpy(valid)}

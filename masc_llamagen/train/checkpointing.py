@@ -137,12 +137,21 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(key == p or (p.endswith((".", "_")) and key.startswith(p)) for p in patterns)
 
 
+def _c2i_default(key: str, now: dict) -> bool:
+    """Options added with text-to-image, at the values a class-conditional run had implicitly."""
+    if key.startswith("text."):
+        return now.get("model.model_type", "c2i") == "c2i"
+    return (key, now.get(key)) in {("model.model_type", "c2i"), ("model.cls_token_num", None)} or key in (
+        "train.peak_tflops",)
+
+
 def resume_differences(saved: dict, now: dict, saved_world: int, world: int) -> tuple[list[str], list[str]]:
     """(refused, inexact): one ``key: old -> new`` per difference between a checkpoint's resolved config and ours."""
     a, b = _flatten(saved), _flatten(now)
     refused, inexact = [], []
     for key in sorted(set(a) | set(b)):
-        if a.get(key) == b.get(key) or _matches(key, RESUME_SAFE):
+        # a key the checkpoint's config lacks is an option added since: that run used what is now its default
+        if a.get(key) == b.get(key) or _matches(key, RESUME_SAFE) or (key not in a and _c2i_default(key, b)):
             continue
         line = f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"
         (inexact if _matches(key, RESUME_INEXACT) else refused).append(line)

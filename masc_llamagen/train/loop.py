@@ -27,7 +27,7 @@ from masc_llamagen.errors import TrainingError
 from masc_llamagen.masc.heads import Vocabulary, bits, marginal_coarse_nll
 from masc_llamagen.masc.vocab import vocabulary_from_config
 from masc_llamagen.models.gpt import GPT, TransformerBlock, gpt_config
-from masc_llamagen.train.batches import EpochIndexed, StepBatches, collate
+from masc_llamagen.train.batches import CaptionCollate, EpochIndexed, EpochIndexedCaptions, StepBatches, collate
 from masc_llamagen.train.checkpointing import (
     atomic_save,
     capture_rng,
@@ -83,16 +83,37 @@ def tokenizer_codebook(cfg: DictConfig) -> np.ndarray:
     return sd["quantize.embedding.weight"].float().numpy()
 
 
-def build_model(cfg: DictConfig, vocab: Vocabulary, grid: int, num_classes: int) -> GPT:
+def build_model(cfg: DictConfig, vocab: Vocabulary, grid: int, num_classes: int,
+                caption_dim: int | None = None) -> GPT:
     m = cfg.model
+    cond = ({"model_type": "t2i", "caption_dim": caption_dim, "cls_token_num": m.cls_token_num or 120}
+            if m.model_type == "t2i" else {"null_class": True})  # CFG (grids, FID, sampler) needs the null class
     gcfg = gpt_config(m.arch, vocab_size=vocab.vocab_size, block_size=grid, num_classes=num_classes,
                       token_dropout_p=m.token_dropout_p, resid_dropout_p=m.resid_dropout_p,
                       ffn_dropout_p=m.ffn_dropout_p, attn_dropout_p=m.attn_dropout_p,
-                      class_dropout_prob=m.class_dropout_prob, zero_init_head=vocab.is_flat,
-                      null_class=True)  # CFG (grids, FID, the sampler) needs it whatever the dropout
+                      class_dropout_prob=m.class_dropout_prob, zero_init_head=vocab.is_flat, **cond)
     model = GPT(gcfg)
-    model.cls_embedding.dropout_prob = 0.0  # class dropout is drawn in the data pipeline (see batches.py)
+    model.cls_embedding.dropout_prob = 0.0  # class/caption dropout is drawn in the data pipeline (batches.py)
     return model
+
+
+def load_text_features(cfg: DictConfig, codes):
+    """The training captions' packed features, checked against the codes they belong to."""
+    from masc_llamagen.text import TextFeatureStore
+
+    path = Path(cfg.text.features)
+    if not (path / "meta.json").is_file():
+        raise TrainingError(f"no caption features in {path}; extract them first: python -m masc_llamagen.text.extract "
+                            f"codes={cfg.data.codes} encoder={cfg.text.encoder} out={path}")
+    store = TextFeatureStore(path)
+    captions = getattr(codes, "captions", None)
+    if captions is None:
+        raise TrainingError(f"codes in {cfg.data.codes} carry no captions; task=t2i needs codes of a captioned "
+                            "dataset (data=twemoji_t2i, llamagen_jsonl or caption_folder)")
+    if len(store) != len(captions):
+        raise TrainingError(f"{path} holds features of {len(store)} captions but the codes have {len(captions)}; "
+                            "re-extract the features from these codes")
+    return store
 
 
 def prepare_model(acc: Accelerator, cfg: DictConfig, model: GPT, opt: torch.optim.Optimizer, ck: dict | None):
@@ -254,7 +275,9 @@ def _train(cfg: DictConfig, acc: Accelerator, run_dir: Path) -> dict:
             masc_head.name, masc_head.k = "masc", cfg.head.compare_k
         compare_mapping = vocabulary_from_config(masc_head, codebook, None, cache_dir)[0].mapping
     grid = int(np.prod(codes.grid))
-    model = build_model(cfg, vocab, grid, codes.num_classes)
+    t2i = cfg.model.model_type == "t2i"
+    text = load_text_features(cfg, codes) if t2i else None
+    model = build_model(cfg, vocab, grid, codes.num_classes, caption_dim=text.dim if t2i else None)
     if cfg.model.class_dropout_prob == 0 and t.sample_cfg_scale > 1 and (t.sample_every or t.eval_every) \
             and acc.is_main_process:
         print("warning: model.class_dropout_prob=0 never trains the null class, so the CFG of sample grids and "
@@ -290,10 +313,14 @@ def _train(cfg: DictConfig, acc: Accelerator, run_dir: Path) -> dict:
     if rng_state is not None:
         restore_rng(rng_state)
 
-    data = EpochIndexed(codes, t.seed, cfg.model.class_dropout_prob, codes.num_classes)
+    if t2i:
+        data = EpochIndexedCaptions(codes, t.seed, cfg.model.class_dropout_prob)
+        collate_fn = CaptionCollate(text, getattr(codes, "valid", None))
+    else:
+        data, collate_fn = EpochIndexed(codes, t.seed, cfg.model.class_dropout_prob, codes.num_classes), collate
     batches = StepBatches(len(codes), t.global_batch_size, acc.process_index, acc.num_processes, t.seed,
                           start, t.steps)
-    loader = DataLoader(data, batch_sampler=batches, collate_fn=collate, num_workers=cfg.data.num_workers,
+    loader = DataLoader(data, batch_sampler=batches, collate_fn=collate_fn, num_workers=cfg.data.num_workers,
                         pin_memory=acc.device.type == "cuda", persistent_workers=False,
                         generator=torch.Generator())  # own generator: creating the iterator must not consume the
     # global RNG, or a resumed run's dropout masks would drift from the uninterrupted run's
@@ -351,6 +378,7 @@ def _train(cfg: DictConfig, acc: Accelerator, run_dir: Path) -> dict:
     sampler = TrainingSampler(cfg, vocab, run_dir, resumed_at=start)
     history: list[float] = []
     pending: list[torch.Tensor] = []  # per-step global losses not yet read back: one host sync per log, not per step
+    invalid = torch.zeros((), dtype=torch.long, device=acc.device)  # t2i samples without readable image or caption
     step = start
     micro = per_step // t.grad_accum
     t_start = time.perf_counter()
@@ -375,8 +403,11 @@ def _train(cfg: DictConfig, acc: Accelerator, run_dir: Path) -> dict:
         history.extend(values)
 
     with _Stop() as stop:
-        for tokens, labels in loader:
-            tokens, labels = tokens.to(acc.device, non_blocking=True), labels.to(acc.device, non_blocking=True)
+        for tokens, cond in loader:
+            tokens = tokens.to(acc.device, non_blocking=True)
+            cond = {k: v.to(acc.device, non_blocking=True) for k, v in cond.items()}
+            if "valid" in cond:
+                invalid += (~cond["valid"]).sum()
             ids = vocab.encode(tokens)
             loss_sum = torch.zeros((), device=acc.device)
             last_logits = None
@@ -385,7 +416,7 @@ def _train(cfg: DictConfig, acc: Accelerator, run_dir: Path) -> dict:
                 sync = a == t.grad_accum - 1
                 ctx = acc.no_sync(model) if not sync else nullcontext()
                 with ctx, acc.autocast():
-                    logits, loss = model(ids[sl, :-1], labels[sl], targets=ids[sl])
+                    logits, loss = model(ids[sl, :-1], targets=ids[sl], **{k: v[sl] for k, v in cond.items()})
                     acc.backward(loss / t.grad_accum)
                 loss_sum += loss.detach() / t.grad_accum
                 last_logits = logits.detach()
@@ -421,6 +452,8 @@ def _train(cfg: DictConfig, acc: Accelerator, run_dir: Path) -> dict:
                     metrics["train/marginal_coarse_ce_bits"] = bits(marginal)
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)
+                if t2i:  # samples whose image or caption features could not be read (no gradient, not in the mean)
+                    metrics["train/invalid_samples"] = int(acc.reduce(invalid.clone(), reduction="sum"))
                 if peak:
                     metrics["train/mfu"] = metrics["train/tokens_per_s"] * fpt / peak
                 logger.log(metrics, step)
