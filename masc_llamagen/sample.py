@@ -68,8 +68,9 @@ def sample_uniforms(seed: int, indices: torch.Tensor, num_tokens: int,
 @torch.no_grad()
 def sample_tokens(model, vocab: Vocabulary, labels: torch.Tensor, sampling: SamplingConfig,
                   seed: int | torch.Generator = 0, dtype: torch.dtype = torch.float32,
-                  indices: torch.Tensor | None = None) -> torch.Tensor:
-    """Labels -> model ids -> fine tokens (B, block_size) on the model's device.
+                  indices: torch.Tensor | None = None, caption_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Labels (class ids, or t2i caption features with ``caption_mask``) -> model ids -> fine tokens (B, block_size)
+    on the model's device.
 
     ``seed`` (int): sample ``indices[b]`` (default ``0..B-1``) draws from its own generator seeded by
     ``(seed, indices[b])``, independent of the batch. A ``torch.Generator`` instead draws the whole batch's uniforms
@@ -85,20 +86,21 @@ def sample_tokens(model, vocab: Vocabulary, labels: torch.Tensor, sampling: Samp
         if idx.numel() != len(labels):
             raise SamplingError(f"{idx.numel()} sample indices for {len(labels)} labels; pass one index per label")
         tok_u, member_u = sample_uniforms(int(seed), idx, n, device)
-    ids = generate(model, labels, n, sampling=sampling, dtype=dtype, uniforms=tok_u)
+    ids = generate(model, labels, n, sampling=sampling, dtype=dtype, uniforms=tok_u, caption_mask=caption_mask)
     return vocab.decode(ids, uniforms=member_u)
 
 
 @torch.no_grad()
 def sample_images(model, vocab: Vocabulary, vq, labels: torch.Tensor, sampling: SamplingConfig,
                   seed: int | torch.Generator = 0, dtype: torch.dtype = torch.float32,
-                  indices: torch.Tensor | None = None, image_size: int | None = None) -> np.ndarray:
+                  indices: torch.Tensor | None = None, image_size: int | None = None,
+                  caption_mask: torch.Tensor | None = None) -> np.ndarray:
     """Labels -> fine tokens (``sample_tokens``, same ``seed``/``indices``) -> decoded uint8 images (B, H, W, 3).
 
     ``image_size``: bicubic resize of the decoded [-1, 1] images before quantising (LlamaGen's ``image_size_eval``).
     """
     side = math.isqrt(model.config.block_size)
-    tokens = sample_tokens(model, vocab, labels, sampling, seed, dtype, indices)
+    tokens = sample_tokens(model, vocab, labels, sampling, seed, dtype, indices, caption_mask)
     images = vq.decode_code(tokens.reshape(-1, side, side))
     if image_size is not None and image_size != images.shape[-1]:
         images = torch.nn.functional.interpolate(images.float(), size=(image_size, image_size), mode="bicubic")

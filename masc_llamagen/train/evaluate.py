@@ -25,6 +25,7 @@ class TrainingSampler:
 
         self.cfg, self.vocab, self.run_dir = cfg, vocab, run_dir
         self._vq = None
+        self._heldout = None  # t2i: the held-out captions' features, opened on first use
         self.fid_curve: list[tuple[float, float]] = []
         if resumed_at and (run_dir / "metrics.jsonl").is_file():
             try:
@@ -44,23 +45,40 @@ class TrainingSampler:
         model.load_state_dict(ema.model_state(raw) if ema is not None else raw.state_dict())
         return model.eval()
 
+    def conditions(self, config, n: int, balanced: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """n conditions: class ids (balanced, or 8 per class for grids), or the first n held-out captions' features
+        (cycled) with their masks for a t2i model."""
+        if config.model_type == "t2i":
+            from masc_llamagen.text import TextFeatureStore
+
+            if self._heldout is None:
+                self._heldout = TextFeatureStore(self.cfg.text.heldout_features)
+            feats, mask = self._heldout.batch(np.arange(n) % len(self._heldout))
+            return torch.as_tensor(feats, dtype=torch.float32), torch.as_tensor(mask, dtype=torch.bool)
+        if balanced:
+            return torch.arange(n) * config.num_classes // n, None
+        return torch.arange(min(config.num_classes, 10)).repeat_interleave(8)[:n], None
+
     @torch.no_grad()
-    def images(self, model: GPT, labels: torch.Tensor, seed: int, batch: int = 100) -> np.ndarray:
+    def images(self, model: GPT, labels: torch.Tensor, seed: int, batch: int = 100,
+               caption_mask: torch.Tensor | None = None) -> np.ndarray:
         from masc_llamagen.sample import sample_images
 
         sc = SamplingConfig(cfg_scale=self.cfg.train.sample_cfg_scale)
-        vq = self.vq.to(model.output.weight.device)
+        device = model.output.weight.device
+        vq = self.vq.to(device)
         # per-sample seeds: sample i is the same image whatever the batch size or device
         return np.concatenate([
-            sample_images(model, self.vocab, vq, labels[s : s + batch], sc, seed,
-                          indices=torch.arange(s, min(s + batch, len(labels))))
+            sample_images(model, self.vocab, vq, labels[s : s + batch].to(device), sc, seed,
+                          indices=torch.arange(s, min(s + batch, len(labels))),
+                          caption_mask=None if caption_mask is None else caption_mask[s : s + batch].to(device))
             for s in range(0, len(labels), batch)])
 
     def grid(self, raw: GPT, ema: EMA | None, step: int) -> Path:
         model = self._model(raw, ema)
-        n_cls = min(raw.config.num_classes, 10)
-        labels = torch.arange(n_cls).repeat_interleave(8)
-        arr = self.images(model, labels, seed=step)
+        labels, mask = self.conditions(raw.config, 80 if raw.config.model_type == "t2i" else 8 * min(
+            raw.config.num_classes, 10), balanced=False)
+        arr = self.images(model, labels, seed=step, caption_mask=mask)
         t = torch.from_numpy(arr).permute(0, 3, 1, 2).float().sub(128.0).div(127.5)
         return save_grid(t, self.run_dir / "samples" / f"step{step:08d}.png", nrow=8)
 
@@ -70,9 +88,8 @@ class TrainingSampler:
 
         t = self.cfg.train
         model = self._model(raw, ema)
-        n = t.eval_samples
-        labels = torch.arange(n) * raw.config.num_classes // n  # class-balanced
-        arr = self.images(model, labels, seed=10_000 + step)
+        labels, mask = self.conditions(raw.config, t.eval_samples)
+        arr = self.images(model, labels, seed=10_000 + step, caption_mask=mask)
         m = compute_metrics(arr, self.cfg.data.name, reference_split=heldout_split(self.cfg.data.name),
                             reference_image_size=self.cfg.data.image_size, reference_root=self.cfg.data.root,
                             reference_limit=t.eval_reference, cache_dir=Path(self.cfg.paths.artifacts) / "fid",
