@@ -31,7 +31,7 @@ from masc_llamagen.checkpoint import CheckpointError, load_gpt, load_vq
 from masc_llamagen.errors import user_errors
 from masc_llamagen.masc.heads import HeadError, Vocabulary, build_vocabulary
 from masc_llamagen.models.sampling import SamplingConfig, SamplingError, check_null_class, generate
-from masc_llamagen.sample_config import SampleConfig, register, validate
+from masc_llamagen.sample_config import SampleConfig, SampleConfigError, register, validate
 from masc_llamagen.train.checkpointing import load_training_checkpoint
 from masc_llamagen.train.images import to_uint8
 
@@ -280,7 +280,9 @@ def sample(cfg: DictConfig | SampleConfig) -> dict:
         if have != recorded:
             raise CheckpointError(f"tokenizer {tok_path} ({have[:12]}) is not the one the model was trained on "
                                   f"({recorded[:12]}); pass vq_checkpoint=<the training tokenizer>")
-    n, bs, world, rank = opts.num_samples, opts.batch_size, acc.num_processes, acc.process_index
+    if model.config.model_type == "t2i":
+        return _sample_t2i(opts, acc, ck, ck_path, model, vocab, vq, sc)
+    n, bs, world, rank = opts.num_samples or 100, opts.batch_size, acc.num_processes, acc.process_index
     labels = sample_labels(n, model.config.num_classes, opts.labels, opts.seed)
     mine = share(n, rank, world)
     run_dir = ck_path.parent.parent
@@ -327,6 +329,71 @@ def sample(cfg: DictConfig | SampleConfig) -> dict:
         (out / "samples.npz.json").write_text(json.dumps(meta, indent=2))
         print(f"wrote {shape[0]} samples to {npz}")
         result = {"npz": str(npz), "shape": tuple(shape), **meta}
+    acc.wait_for_everyone()
+    return result
+
+
+def load_prompts(spec: str) -> list[str]:
+    """Prompts from a text file (one a line) or a shipped list: ``coco`` (the COCO-30k captions), ``parti``."""
+    from masc_llamagen.eval.coco import load_prompts as shipped
+
+    return shipped(spec)
+
+
+def _sample_t2i(opts, acc, ck: dict, ck_path: Path, model, vocab, vq, sc) -> dict:
+    """One image per prompt, as LlamaGen writes them: ``images/%06d.png``, ``captions.txt``, ``result.jsonl``.
+
+    Each rank encodes and samples its own contiguous share and writes its PNGs; nothing is gathered. Sample i is
+    seeded by ``(seed, i)``, so the images do not depend on the number of processes or the batch size.
+    """
+    from masc_llamagen.text import build_text_encoder
+
+    if not opts.prompts:
+        raise SampleConfigError("a text-to-image checkpoint samples from prompts: pass prompts=FILE (one prompt a "
+                                "line), prompts=coco or prompts=parti")
+    prompts = load_prompts(opts.prompts)
+    if opts.num_samples is not None:
+        prompts = prompts[: opts.num_samples]
+    text_cfg = (ck.get("config") or {}).get("text", {})
+    encoder = build_text_encoder(opts.text_encoder or text_cfg.get("encoder", "wordllama"),
+                                 opts.text_path or text_cfg.get("path"), device=acc.device)
+    if encoder.dim != model.config.caption_dim:
+        raise SampleConfigError(f"text encoder {encoder.name} gives {encoder.dim}-d features but the model takes "
+                                f"{model.config.caption_dim}-d: pass text_encoder=<the one it was trained with>")
+    n, bs = len(prompts), opts.batch_size
+    mine = share(n, acc.process_index, acc.num_processes)
+    out = Path(opts.out_dir) if opts.out_dir else (ck_path.parent.parent / "samples" /
+                                                   f"{ck_path.stem}-cfg{opts.cfg_scale:g}-{Path(opts.prompts).stem}")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(mine.start, mine.stop, bs), disable=not acc.is_main_process, desc="sample"):
+        idx = torch.arange(start, min(start + bs, mine.stop))
+        feats, mask = encoder([prompts[i] for i in idx.tolist()], slots=model.config.cls_token_num)
+        imgs = sample_images(model, vocab, vq, feats, sc, opts.seed, opts.torch_dtype, indices=idx,
+                             image_size=opts.image_size_eval, caption_mask=mask)
+        for i, img in zip(idx.tolist(), imgs, strict=True):
+            tmp = out / "images" / f".{i:06d}.png.tmp"
+            Image.fromarray(img).save(tmp, format="PNG")
+            tmp.replace(out / "images" / f"{i:06d}.png")
+    acc.wait_for_everyone()
+    result = {}
+    if acc.is_main_process:
+        (out / "captions.txt").write_text("".join(p.replace("\n", " ") + "\n" for p in prompts))
+        with open(out / "result.jsonl", "w") as f:
+            for i, p in enumerate(prompts):
+                f.write(json.dumps({"index": i, "image": f"images/{i:06d}.png", "caption": p}) + "\n")
+        data_cfg = (ck.get("config") or {}).get("data", {})
+        meta = {"checkpoint": str(ck_path), "step": int(ck["step"]), "ema": bool(opts.use_ema), "task": "t2i",
+                "head": vocab.name, "k": vocab.k, "decoder": None if vocab.is_flat else vocab.decoder,
+                "prompts": opts.prompts, "num_samples": n, "text_encoder": encoder.describe(),
+                "sampling": dataclasses.asdict(opts), "dataset": data_cfg.get("name"),
+                "split": _heldout(data_cfg.get("name")), "data_root": data_cfg.get("root"),
+                "image_size": data_cfg.get("image_size"), "images": str(out / "images")}
+        (out / "samples.json").write_text(json.dumps(meta, indent=2, default=str))
+        print(f"wrote {n} images to {out / 'images'}")
+        result = {"out_dir": str(out), **meta}
     acc.wait_for_everyone()
     return result
 

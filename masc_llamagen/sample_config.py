@@ -34,7 +34,7 @@ class SampleConfig:
     use_ema: bool = True
     vq_checkpoint: str | None = None  # default: the tokenizer recorded in the training checkpoint
     vq_arch: str | None = None  # registry config for tokenizer files that carry none (e.g. VQ-16)
-    num_samples: int = 100
+    num_samples: int | None = None  # c2i: images to write (null: 100); t2i: the first N prompts (null: all)
     labels: str = "balanced"  # balanced | random
     batch_size: int = 50
     seed: int = 0
@@ -52,6 +52,10 @@ class SampleConfig:
     # Resize the decoded images to this side before writing (bicubic, as LlamaGen scores its 384-px models at 256);
     # null: the tokenizer's resolution
     image_size_eval: int | None = None
+    # t2i: one image per prompt of a file (one prompt a line) or a shipped list: coco (COCO-30k captions), parti
+    prompts: str | None = None
+    text_encoder: str | None = None  # null: the encoder the checkpoint's captions were extracted with
+    text_path: str | None = None  # its local model directory (flan_t5_xl); null: as recorded
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -89,7 +93,7 @@ def validate(cfg: DictConfig | SampleConfig) -> SampleConfig:
             cfg = OmegaConf.to_object(merged)
         except OmegaConfBaseException as e:
             raise SampleConfigError(str(e).strip().splitlines()[0]) from None
-    if cfg.num_samples < 1:
+    if cfg.num_samples is not None and cfg.num_samples < 1:
         raise SampleConfigError(f"num_samples={cfg.num_samples} must be >= 1: it is the number of images to write")
     if cfg.batch_size < 1:
         raise SampleConfigError(f"batch_size={cfg.batch_size} must be >= 1: images sampled per forward pass")

@@ -8,6 +8,12 @@ A split is a directory holding three files:
 * ``meta.json``: codebook size, grid, variants, tokenizer fingerprint and checkpoint, dataset, count (see
   :func:`make_meta`).
 
+A text-to-image split (``meta["task"] == "t2i"``) adds, per stored item, in the same order:
+
+* ``captions.jsonl``: one JSON object a line, ``{"index": i, "source_index": j, "caption": "..."}`` (``i`` equals
+  ``labels[i]``, the key for the caption's text features; ``j`` the item's index in the source dataset);
+* ``valid.npy``: bool ``(num_images,)``, False where the source image could not be read (its codes encode a blank).
+
 The directory is written under a temporary name and renamed into place, so a reader never sees half a split.
 """
 
@@ -31,6 +37,7 @@ from masc_llamagen.errors import MascError
 FORMAT = "masc-llamagen-codes"
 FORMAT_VERSION = 1
 CODES_FILE, LABELS_FILE, META_FILE = "codes.npy", "labels.npy", "meta.json"
+CAPTIONS_FILE, VALID_FILE = "captions.jsonl", "valid.npy"  # text-to-image splits only
 _SCAN_ROWS = 1 << 16  # images per block when scanning the memory map (bounded RAM on ImageNet-sized sets)
 _MASK64 = (1 << 64) - 1
 
@@ -110,6 +117,39 @@ def write_meta(directory: Path, meta: Mapping[str, Any]) -> None:
         f.write("\n")
 
 
+def write_captions(
+    directory: Path, captions: Sequence[str], source_index: Sequence[int] | np.ndarray | None = None,
+) -> None:
+    """``captions.jsonl``: one ``{"index", "source_index", "caption"}`` object per stored item (data only)."""
+    src = range(len(captions)) if source_index is None else [int(j) for j in source_index]
+    if len(src) != len(captions):
+        raise CodeFormatError(f"{len(src)} source indices for {len(captions)} captions")
+    with open(directory / CAPTIONS_FILE, "w", encoding="utf-8") as f:
+        for i, (j, c) in enumerate(zip(src, captions, strict=True)):
+            if not isinstance(c, str):
+                raise CodeFormatError(f"caption {i} is {type(c).__name__}, not a string")
+            f.write(json.dumps({"index": i, "source_index": j, "caption": c}, ensure_ascii=False) + "\n")
+
+
+def read_captions(path: str | os.PathLike) -> list[str]:
+    """The captions of a packed t2i split, in stored-item order (checked: line i has index i)."""
+    f = Path(path) / CAPTIONS_FILE
+    out: list[str] = []
+    with open(f, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise CodeFormatError(f"{f}:{lineno}: not JSON ({e}); re-extract the codes") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("caption"), str) or obj.get("index") != len(out):
+                raise CodeFormatError(
+                    f"{f}:{lineno}: expected {{\"index\": {len(out)}, \"caption\": \"...\"}}; re-extract the codes")
+            out.append(obj["caption"])
+    return out
+
+
 def check_code_range(codes: np.ndarray, codebook_size: int, where: str = "codes") -> None:
     """Scan in blocks (a memory map is never loaded whole) and refuse any index outside [0, codebook_size)."""
     for s in range(0, codes.shape[0], _SCAN_ROWS):
@@ -129,9 +169,14 @@ def save_codes(
     path: str | os.PathLike, codes: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, *,
     codebook_size: int, grid: Sequence[int] | None = None, variants: Sequence[str | Mapping[str, Any]] | None = None,
     num_classes: int | None = None, classes: Sequence[str] | None = None, tokenizer: Mapping[str, Any] | None = None,
-    dataset: Mapping[str, Any] | None = None, overwrite: bool = False,
+    dataset: Mapping[str, Any] | None = None, overwrite: bool = False, captions: Sequence[str] | None = None,
+    valid: np.ndarray | Sequence[bool] | None = None,
 ) -> Path:
-    """Pack in-memory codes ``(N, V, L)``, ``(N, L)`` or ``(N, V, h, w)`` into a split directory, atomically."""
+    """Pack in-memory codes ``(N, V, L)``, ``(N, L)`` or ``(N, V, h, w)`` into a split directory, atomically.
+
+    ``captions`` (one per image) makes it a t2i split: labels must then be ``arange(N)``, ``valid`` defaults to
+    all True, and ``meta["task"] = "t2i"``.
+    """
     codes = codes.numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
     labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if codes.ndim == 2:
@@ -151,16 +196,31 @@ def save_codes(
     if not np.issubdtype(codes.dtype, np.integer):
         raise CodeFormatError(f"codes must be integers, got {codes.dtype}")
     check_code_range(codes, codebook_size)
+    extra = None
+    if captions is not None:
+        captions = list(captions)
+        valid = np.ones(codes.shape[0], dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+        if len(captions) != codes.shape[0] or valid.shape != (codes.shape[0],):
+            raise CodeFormatError(f"{len(captions)} captions and {valid.shape} valid flags for {codes.shape[0]} images")
+        if not np.array_equal(labels, np.arange(codes.shape[0])):
+            raise CodeFormatError("a t2i split's labels are the item positions arange(N); pass labels=np.arange(N)")
+        num_classes, classes = codes.shape[0], None
+        extra = {"task": "t2i", "num_invalid": int((~valid).sum())}
+    elif valid is not None:
+        raise CodeFormatError("valid flags belong to a t2i split; pass captions=... with them")
     ncls = int(num_classes) if num_classes is not None else (len(classes) if classes else int(labels.max()) + 1)
     meta = make_meta(
         codebook_size=codebook_size, grid=grid, count=codes.shape[0],
         variants=normalize_variants(variants, codes.shape[1]), num_classes=ncls, classes=classes,
-        tokenizer=tokenizer, dataset=dataset,
+        tokenizer=tokenizer, dataset=dataset, extra=extra,
     )
     validate_arrays(codes, labels, meta, where=str(path))
     with atomic_directory(path, overwrite=overwrite) as tmp:
         np.save(tmp / CODES_FILE, codes.astype(code_dtype(codebook_size), copy=False))
         np.save(tmp / LABELS_FILE, labels.astype(np.int64, copy=False))
+        if captions is not None:
+            write_captions(tmp, captions)
+            np.save(tmp / VALID_FILE, valid)
         write_meta(tmp, meta)
     return Path(path)
 
@@ -220,6 +280,9 @@ def draw_variant(seed: int, epoch: int, index: int, num_variants: int) -> int:
 class CodeDataset(Dataset):
     """Items ``(codes LongTensor (h*w,), label int)``, one augmentation variant per sample.
 
+    A t2i split (``task == "t2i"``) also has ``captions`` (list[str], ``captions[label]`` is the item's text) and
+    ``valid`` (bool array, False where the source image was unreadable); both are None for class-conditional codes.
+
     The variant is :func:`draw_variant` of (seed, epoch, index). Call :meth:`set_epoch` before each epoch's
     DataLoader iterator is created: workers copy the dataset when the iterator starts, so with
     ``persistent_workers=True`` a later ``set_epoch`` would not reach them.
@@ -240,6 +303,20 @@ class CodeDataset(Dataset):
         if validate:
             check_code_range(codes, self.codebook_size, where=str(self.path / CODES_FILE))
         self._counts: np.ndarray | None = None
+        self.captions: list[str] | None = None
+        self.valid: np.ndarray | None = None
+        if (self.path / CAPTIONS_FILE).is_file():
+            self.captions = read_captions(self.path)
+            if len(self.captions) != len(self):
+                raise CodeFormatError(f"{self.path / CAPTIONS_FILE}: {len(self.captions)} captions for {len(self)} "
+                                      "images; re-extract the codes")
+        elif self.task == "t2i":
+            raise CodeFormatError(f"{self.path}: a t2i split without {CAPTIONS_FILE}; re-extract the codes")
+        if (self.path / VALID_FILE).is_file():
+            self.valid = np.load(self.path / VALID_FILE)
+            if self.valid.dtype != np.bool_ or self.valid.shape != (len(self),):
+                raise CodeFormatError(f"{self.path / VALID_FILE}: {self.valid.dtype} {self.valid.shape}, expected "
+                                      f"bool ({len(self)},); re-extract the codes")
 
     def _open(self) -> np.ndarray:
         self._codes = np.load(self.path / CODES_FILE, mmap_mode="r")
@@ -273,6 +350,11 @@ class CodeDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return int(self.meta["num_classes"])
+
+    @property
+    def task(self) -> str:
+        """``"t2i"`` for captioned codes, ``"c2i"`` (class labels) otherwise."""
+        return str(self.meta.get("task", "c2i"))
 
     @property
     def num_variants(self) -> int:

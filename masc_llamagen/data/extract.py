@@ -7,6 +7,11 @@ Variants per image:
     ``int(size * r)``, then the centre and four corner ``size`` crops of it and of its mirror: 10 per range.
 Variant 0 is always the un-flipped centre crop (of the first range), which CodeDataset uses without augmentation.
 
+Captioned (text-to-image) datasets (captions.py) are packed the same way, with ``labels.npy`` holding each stored
+item's position, ``captions.jsonl`` its caption, ``valid.npy`` whether its image could be read and ``meta.json``
+``task: "t2i"``; their default variant is ``("center",)`` alone, since a mirror contradicts captions such as
+"leftwards arrow".
+
 Work is split into chunks of ``chunk_size`` images, each written as a part file in ``<out_dir>.partial/``;
 a restarted run skips the chunks already there. Under Accelerate every process encodes chunks
 ``k % num_processes == process_index`` into that shared folder and the main process packs them, so ``out_dir``
@@ -20,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,14 +35,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from masc_llamagen.data.captions import (
+    CAPTION_DATASETS,
+    TASK,
+    build_caption_dataset,
+    canonical_caption_name,
+    captions_sha256,
+    is_caption_dataset,
+)
 from masc_llamagen.data.codes import (
     CODES_FILE,
     LABELS_FILE,
     META_FILE,
+    VALID_FILE,
     atomic_directory,
     code_dtype,
     make_meta,
     read_meta,
+    write_captions,
     write_meta,
 )
 from masc_llamagen.data.images import ImageFolderDataset, build_image_dataset, center_crop_pil, pil_to_tensor
@@ -100,6 +116,11 @@ def describe_dataset(ds: Dataset) -> dict[str, Any]:
     if ds is not base:
         idx = np.asarray(_subset_indices(ds), dtype=np.int64)
         d["subset_sha256"] = hashlib.sha256(idx.tobytes()).hexdigest()
+    if is_caption_dataset(base):
+        describe = getattr(base, "describe", None)
+        d.update(describe() if callable(describe) else {})
+        d["task"] = TASK
+        d["captions_sha256"] = captions_sha256(base.captions[j] for j in _subset_indices(ds))
     return d
 
 
@@ -111,11 +132,15 @@ def _subset_indices(ds: Dataset) -> list[int]:
 
 
 class _Views(Dataset):
-    """Index -> (all variants of one image (V, 3, S, S), label), computed in DataLoader workers."""
+    """Index -> (all variants of one image (V, 3, S, S), label), computed in DataLoader workers.
+
+    For a caption dataset the label is the base item index and a third element says whether the image was readable.
+    """
 
     def __init__(self, ds: Dataset, plan: list[dict[str, Any]], image_size: int) -> None:
         self.ds, self.plan, self.size = ds, plan, image_size
         self.tencrop = plan[0]["crop_range"] is not None
+        self.t2i = is_caption_dataset(_base(ds))
         if self.tencrop:
             base = _base(ds)
             if not callable(getattr(base, "load_image", None)) or getattr(base, "labels", None) is None:
@@ -128,10 +153,13 @@ class _Views(Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, bool]:
         if not self.tencrop:
             x, y = self.ds[i]
-            return torch.stack([x.flip(-1) if v["hflip"] else x for v in self.plan]), int(y)
+            views = torch.stack([x.flip(-1) if v["hflip"] else x for v in self.plan])
+            if self.t2i:  # the item just read its image, so valid() answers from its cache
+                return views, int(y), bool(_base(self.ds).valid(int(y)))
+            return views, int(y)
         j = self.index[i]
         img = self.base.load_image(j)
         s = self.size
@@ -144,6 +172,8 @@ class _Views(Dataset):
             if v["hflip"] and (r, True) not in bases:
                 bases[(r, True)] = bases[(r, False)].flip(-1)
             views.append(_crop(bases[(r, v["hflip"])], v["crop"], s))
+        if self.t2i:
+            return torch.stack(views), int(self.base.labels[j]), bool(self.base.valid(j))
         return torch.stack(views), int(self.base.labels[j])
 
 
@@ -168,6 +198,11 @@ def _resolve(data: Dataset | str | os.PathLike | Mapping[str, Any], image_size: 
         spec = dict(data)
         if image_size is not None:
             spec.setdefault("image_size", image_size)
+        task = spec.pop("task", None)
+        if task == TASK or canonical_caption_name(str(spec.get("name", ""))) in CAPTION_DATASETS[1:]:
+            return build_caption_dataset(**spec)
+        if task not in (None, "c2i"):
+            raise ValueError(f"task={task!r}: a dataset spec's task is 'c2i' (class labels) or 't2i' (captions)")
         return build_image_dataset(**spec)
     return ImageFolderDataset(data, image_size=image_size or 256)
 
@@ -176,10 +211,13 @@ def _chunk_name(k: int) -> str:
     return f"chunk_{k:06d}.npz"
 
 
-def _write_chunk(path: Path, codes: np.ndarray, labels: np.ndarray) -> None:
+def _write_chunk(path: Path, codes: np.ndarray, labels: np.ndarray, valid: np.ndarray | None = None) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        np.savez(f, codes=codes, labels=labels)
+        if valid is None:
+            np.savez(f, codes=codes, labels=labels)
+        else:
+            np.savez(f, codes=codes, labels=labels, valid=valid)
     os.replace(tmp, path)
 
 
@@ -208,9 +246,11 @@ def extract_codes(
     """Encode every image of ``data`` into ``out_dir`` (codes.npy, labels.npy, meta.json); returns ``out_dir``.
 
     ``data``: a dataset yielding ``(3 x S x S in [-1, 1], label)``, a ``build_image_dataset`` keyword dict, or an
-    ImageFolder path (with ``image_size``). ``batch_size`` counts encoded views (images x variants), the quantity
-    that bounds memory. ``resume=True`` reuses finished chunks and returns at once when ``out_dir`` already holds
-    the same job; a different job there is an error. ``resume=False`` discards chunks and replaces ``out_dir``.
+    ImageFolder path (with ``image_size``). A caption dataset (captions.py; as a dict: ``task="t2i"`` with
+    ``build_caption_dataset`` keywords) also writes ``captions.jsonl`` and ``valid.npy`` (see the module doc).
+    ``batch_size`` counts encoded views (images x variants), the quantity that bounds memory. ``resume=True``
+    reuses finished chunks and returns at once when ``out_dir`` already holds the same job; a different job there
+    is an error. ``resume=False`` discards chunks and replaces ``out_dir``.
     ``keep_chunks`` keeps the part files after packing, so a deleted ``out_dir`` is rebuilt without encoding.
     The tokenizer is put in eval mode on ``device`` for the run (its training flag is restored).
     """
@@ -221,8 +261,9 @@ def extract_codes(
         raise ValueError(
             "extraction must be deterministic: build the dataset with random_flip=False (flips are a variant)"
         )
+    t2i = is_caption_dataset(base)
     if variants is None:
-        variants = ("tencrop",) if isinstance(base, ImageFolderDataset) else ("center", "hflip")
+        variants = ("tencrop",) if isinstance(base, ImageFolderDataset) else ("center",) if t2i else ("center", "hflip")
     plan = variant_plan(variants, crop_ranges)
     n = len(ds)
     if n == 0:
@@ -323,16 +364,19 @@ def _encode_chunks(
     try:
         with torch.inference_mode(), tqdm(total=sum(len(b) for b in batches), desc=desc, unit="img",
                                           disable=not progress) as bar:
-            for idx, (x, y) in zip(batches, loader, strict=True):
+            for idx, batch in zip(batches, loader, strict=True):
+                x, y = batch[0], batch[1]
+                ok = batch[2].numpy().astype(bool) if len(batch) > 2 else None
                 b = x.shape[0]
                 codes = vq.encode(x.to(dev, non_blocking=True).flatten(0, 1)).reshape(b, v, seq_len)
                 k = idx[0] // chunk_size
-                pending.setdefault(k, []).append((idx[0], codes.cpu().numpy().astype(dtype), y.numpy()))
+                pending.setdefault(k, []).append((idx[0], codes.cpu().numpy().astype(dtype), y.numpy(), ok))
                 lo, hi = k * chunk_size, min(n, (k + 1) * chunk_size)
                 if sum(len(p[2]) for p in pending[k]) == hi - lo:
                     parts = sorted(pending.pop(k), key=lambda p: p[0])
                     _write_chunk(work / _chunk_name(k), np.concatenate([p[1] for p in parts]),
-                                 np.concatenate([p[2] for p in parts]).astype(np.int64))
+                                 np.concatenate([p[2] for p in parts]).astype(np.int64),
+                                 None if ok is None else np.concatenate([p[3] for p in parts]))
                 bar.update(b)
     finally:
         vq.train(was_training)
@@ -349,21 +393,43 @@ def _pack(
     with atomic_directory(out_dir, overwrite=True) as tmp:
         codes = np.lib.format.open_memmap(tmp / CODES_FILE, mode="w+", dtype=dtype, shape=(n, len(plan), seq_len))
         labels = np.empty(n, dtype=np.int64)
+        t2i = is_caption_dataset(base)
+        valid = np.ones(n, dtype=bool) if t2i else None
         for k in range(n_chunks):
             lo, hi = k * chunk_size, min(n, (k + 1) * chunk_size)
             with np.load(work / _chunk_name(k)) as part:
                 c, y = part["codes"], part["labels"]
+                ok = part["valid"] if "valid" in part.files else None
             if c.shape != (hi - lo, len(plan), seq_len) or y.shape != (hi - lo,):
                 raise RuntimeError(f"{work / _chunk_name(k)} has shape {c.shape}; delete it and rerun to resume")
+            if t2i and (ok is None or ok.shape != (hi - lo,)):
+                raise RuntimeError(f"{work / _chunk_name(k)} has no per-item valid flags; delete it and rerun")
             codes[lo:hi] = c
             labels[lo:hi] = y
+            if t2i:
+                valid[lo:hi] = ok
         codes.flush()
         del codes
+        extra: dict[str, Any] = {"extraction": extraction}
+        if t2i:
+            # chunks hold base item indices; store positions so caption features are looked up by label
+            source = labels.copy()
+            labels = np.arange(n, dtype=np.int64)
+            write_captions(tmp, [base.captions[int(j)] for j in source], source_index=source)
+            np.save(tmp / VALID_FILE, valid)
+            bad = int((~valid).sum())
+            extra.update(task=TASK, num_invalid=bad)
+            if bad:
+                first = getattr(base, "paths", None)
+                where = f" (first: {first[int(source[~valid][0])]})" if first is not None else ""
+                print(f"warning: {bad} of {n} images could not be read{where}; they are blank and marked invalid "
+                      f"in {out_dir / VALID_FILE}", file=sys.stderr, flush=True)
         np.save(tmp / LABELS_FILE, labels)
-        classes = getattr(base, "classes", None)
-        num_classes = getattr(base, "num_classes", None) or (len(classes) if classes else int(labels.max()) + 1)
+        classes = None if t2i else getattr(base, "classes", None)
+        num_classes = n if t2i else (
+            getattr(base, "num_classes", None) or (len(classes) if classes else int(labels.max()) + 1))
         meta = make_meta(
             codebook_size=codebook_size, grid=grid, count=n, variants=plan, num_classes=num_classes,
-            classes=classes, tokenizer=tokenizer, dataset=dataset_meta, extra={"extraction": extraction},
+            classes=classes, tokenizer=tokenizer, dataset=dataset_meta, extra=extra,
         )
         write_meta(tmp, meta)
