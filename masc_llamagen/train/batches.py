@@ -99,7 +99,7 @@ class CaptionCollate:
         tokens = torch.stack([torch.as_tensor(t, dtype=torch.long) for t, _, _ in items])
         idx = np.array([item for _, item, _ in items], dtype=np.int64)
         feats, mask = self.store.batch(idx)
-        valid = np.asarray(self.store.valid(idx), dtype=bool)
+        valid = np.array([self.store.valid(int(i)) for i in idx], dtype=bool)
         if self.item_valid is not None:
             valid &= self.item_valid[idx]
         return tokens, {"cond_idx": torch.as_tensor(feats).to(torch.float16),
