@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: setup test test-all lint parity train bench bench-quick bench-sampling bench-tree bench-train-step clean
+.PHONY: setup test test-all lint parity train train-t2i bench bench-quick bench-sampling bench-tree bench-train-step clean
 
 setup: $(STAMP)
 
@@ -40,12 +40,18 @@ train: setup
 	@scripts/ensure_data.sh
 	$(PY) -m masc_llamagen.pipeline $(ARGS)
 
-# Speed/memory benchmarks and the seeded convergence study (flat vs MASC vs k-means vs random, FID) -> docs/benchmarks.md.
-# About 2 hours on 2 CPU cores from scratch; reruns skip what is already built or scored.
+# The CPU-sized text-to-image default end to end: emoji from npm, tokenizer, codes, caption features (wordllama),
+# tree, t2i GPT-micro (head=masc), samples for the held-out captions, FID, report with a captioned grid.
+train-t2i: setup
+	$(PY) -m masc_llamagen.pipeline experiment=cpu_t2i $(ARGS)
+
+# Speed/memory benchmarks and the seeded convergence study to 2400 steps (flat, MASC, k-means x 3 seeds, FID at five
+# budgets, acceleration curves) -> docs/benchmarks.md. Estimated 2.5 h on 2 CPU cores from scratch
+# (`benchmarks/run.py --estimate`); reruns skip what is already built or scored.
 bench: setup
 	$(PY) benchmarks/run.py $(ARGS)
 
-# The same pipeline reduced to minutes (own small tokenizer, one seed, FID on 250 samples) -> artifacts/bench/quick/.
+# The same pipeline reduced to minutes (own small tokenizer, 2 seeds, 3 budgets; a smoke test) -> artifacts/bench/quick/.
 bench-quick: setup
 	$(PY) benchmarks/run.py --quick $(ARGS)
 

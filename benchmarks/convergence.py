@@ -1,25 +1,39 @@
-"""The paper's Table 1 comparison at CPU scale: flat vs MASC vs k-means vs random heads, seeds, FID and diagnostics.
+"""The paper's Table 1 comparison at CPU scale, followed over training: flat vs MASC vs k-means (and the other arms),
+seeds, FID curves and held-out diagnostics.
 
-    python benchmarks/convergence.py [--quick] [--workers 2] [--root artifacts/bench]
+    python benchmarks/convergence.py [--quick] [--workers 2] [--root artifacts/bench/<plan>] [--horizon STEPS]
+                                     [--no-deadline] [--estimate]
 
 Every arm trains the same GPT on the same codes with the same data order and initialisation per seed (both come
-from ``train.seed`` only), then its EMA checkpoints are scored: FID on ``fid_samples`` class-balanced samples against
-held-out real images (real Inception, offline), for the member decoders the plan names, and held-out diagnostics
-(fine NLL, coarse CE, the flat model marginalised onto every coarse head's clusters, normalised entropy). Runs are
-spread over ``--workers`` single-threaded processes (on two cores that does ~1.3x the work of one two-threaded one)
-and each writes one JSON, so an interrupted benchmark continues where it stopped. ``benchmarks/run.py`` turns the
-JSONs into docs/benchmarks.md.
+from ``train.seed`` only). Each (arm, seed) is trained once, to the arm's largest budget, saving a checkpoint at
+every budget; the budgets are scored from those checkpoints (never by retraining): FID on ``fid_samples``
+class-balanced samples from the EMA weights against held-out real images (real Inception, offline) and held-out
+diagnostics (fine NLL, coarse CE, the flat model marginalised onto every coarse head's clusters, normalised
+entropy). The learning rate is constant and the batch at step s depends on (seed, s) only, so a checkpoint at step
+b is the model a b-step run would have produced, and a longer horizon (``--horizon``) resumes the existing runs.
+
+Work is split into jobs (tokenizer, reference features, one training run, one scored checkpoint per decoder) that
+``--workers`` single-threaded processes take in priority order (on two cores that does ~1.3x the work of one
+two-threaded one): training runs first, then the scores (see :func:`plan_jobs`). Every job writes one JSON and skips
+itself when it is there, so an interrupted benchmark continues where it stopped; each run's results are gathered
+into ``runs/<tokenizer>/<arm>/seed<s>/bench.json``.
+Arms marked ``core=False`` (and every frequency-decoder score) are extras: one starts only while the projected end
+of everything already admitted, itself included, stays inside the plan's deadline, measured from the start of
+``make bench``; the projection is the cost model below list-scheduled exactly as the workers take jobs.
+``benchmarks/run.py`` turns the JSONs into docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
+import heapq
 import json
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -40,6 +54,11 @@ class Arm:
     tokenizer: str
     head: str  # flat | masc | kmeans | random
     k: int | None = None
+    steps: int = 300  # each seed is trained once, to here
+    budgets: tuple[int, ...] = (300,)  # checkpoints scored: FID (uniform decoder) and held-out diagnostics
+    seeds: tuple[int, ...] = (0, 1, 2)
+    frequency: tuple[int, ...] = ()  # budgets also scored with the frequency member decoder (always extras)
+    core: bool = True  # False: an extra, run only while the deadline allows
 
     @property
     def label(self) -> str:
@@ -50,27 +69,36 @@ class Arm:
 class Plan:
     name: str
     model: str
-    steps: int
     batch: int
     lr: float
-    seeds: tuple[int, ...]
     cfg_scale: float
     fid_samples: int
     fid_reference: int
     heldout_codes: int
     tokenizers: tuple[Tokenizer, ...]
     arms: tuple[Arm, ...]
-    # (arm label or "*", tokenizer or "*", fraction of steps, decoder): which checkpoints get an FID
-    fids: tuple[tuple[str, str, float, str], ...]
     threads: int = 1
     extra: tuple[str, ...] = field(default_factory=tuple)
+    deadline_s: float | None = None  # extras start only while the projected end stays inside this
+    plateau_threshold: float = 1.0  # flat's curve has flattened: < this FID gained over each of its last 2 doublings
+    not_run: tuple[str, ...] = ()  # what the issue asks for that this plan leaves out, and why (for the report)
+
+    @property
+    def steps(self) -> int:
+        return max(a.steps for a in self.arms)
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(sorted({s for a in self.arms for s in a.seeds}))
+
+    def arm(self, tokenizer: str, label: str) -> Arm:
+        return next(a for a in self.arms if a.tokenizer == tokenizer and a.label == label)
 
     def evals(self, arm: Arm) -> list[tuple[int, str]]:
-        out = []
-        for label, tok, frac, decoder in self.fids:
-            if label in ("*", arm.label) and tok in ("*", arm.tokenizer) and not (arm.head == "flat"
-                                                                                   and decoder != "uniform"):
-                out.append((int(round(self.steps * frac)), decoder))
+        """(step, decoder) pairs scored for ``arm``; member decoders do not apply to flat."""
+        out = [(b, "uniform") for b in arm.budgets]
+        if arm.head != "flat":
+            out += [(b, "frequency") for b in arm.frequency]
         return sorted(set(out))
 
     def eval_steps(self, arm: Arm) -> list[int]:
@@ -81,41 +109,295 @@ TOK_1024 = Tokenizer("fmnist_vq_tiny", 1024)
 TOK_4096 = Tokenizer("fmnist_vq_4096", 4096, ("vq.codebook_size=4096",))
 
 
-def _arms(tok: Tokenizer, heads: list[tuple[str, int | None]]) -> tuple[Arm, ...]:
-    return tuple(Arm(tok.name, h, k) for h, k in heads)
+def doubling_budgets(first: int, horizon: int) -> tuple[int, ...]:
+    """first, 2 first, 4 first, ... up to horizon, and the horizon itself."""
+    out, b = [], first
+    while b < horizon:
+        out.append(b)
+        b *= 2
+    return (*out, horizon)
 
 
-def full_plan() -> Plan:
-    """Sized for 2 CPU cores and 2 hours. FID's Inception costs ~0.2 s per image on one core, so the 33 FIDs of
-    1,000 samples below take about an hour on two workers, and 21 training runs of 300 steps about 25 minutes; the
-    tokenizers and codes another ~20 minutes when they are not built yet."""
-    n1, n2 = TOK_1024.codebook_size, TOK_4096.codebook_size
-    arms = _arms(TOK_1024, [("flat", None), ("masc", n1 // 2), ("masc", n1 // 4), ("kmeans", n1 // 2),
-                            ("random", n1 // 2)]) + _arms(TOK_4096, [("flat", None), ("masc", n2 // 2)])
-    t1 = TOK_1024.name
-    fids = (
-        ("*", "*", 1.0, "uniform"),  # every arm, both tokenizers, at the full budget
-        (f"masc-k{n1 // 2}", t1, 1.0, "frequency"),
-        (f"kmeans-k{n1 // 2}", t1, 1.0, "frequency"),
-        ("flat", t1, 0.5, "uniform"),
-        (f"masc-k{n1 // 2}", t1, 0.5, "uniform"),
+def full_plan(horizon: int = 2400) -> Plan:
+    """Sized for 2 CPU cores and 2.5 hours, from a fresh checkout (the tokenizer included).
+
+    Core, 3 seeds each: flat, MASC k = N/2 and k-means k = N/2 on N = 1024, each trained once to 2400 steps and
+    scored at 150, 300, 600, 1200 and 2400 steps on 500 samples. Extras, in this order and only while the deadline
+    allows: the frequency member decoder at 2400 steps for MASC and k-means (on the same samples), then MASC k = N/4
+    and random k = N/2 to 600 steps (scored at 300 and 600).
+
+    Estimated cost (:func:`estimate`; ``python benchmarks/convergence.py --estimate``), from the timings of the
+    committed 300-step study in docs/benchmarks.md (see the cost model below: a training step of gpt_micro at batch
+    32 0.40 s, FID Inception 0.229 s and sampling 0.015 s per image, 36 s of other work per scored checkpoint,
+    tokenizer and codes 640 s, speed benchmarks 250 s), list-scheduled on 2 workers: 2.50 h in all, of which the
+    core 2.46 h (2.30 h with the tokenizer already built); core training 8,640 and scoring 7,121 worker-seconds.
+    The deadline then admits the MASC frequency-decoder scores; the k-means ones, MASC N/4 and random need a faster
+    machine or a rerun (each rerun admits what its own 2.5 h allow). Scoring every budget on 1,000 samples instead
+    would take 3.22 h, and the N = 4096 pair to 2400 steps on 3 seeds (its tokenizer included) another 2.13 h on
+    its own, so neither is in the plan. Spot checks on one core of a lightly loaded 2-core Xeon were faster (0.28 s
+    per step, 0.11 s per Inception image); the figures above are those of two busy workers, the way the study runs.
+    """
+    n = TOK_1024.codebook_size
+    t = TOK_1024.name
+    budgets = doubling_budgets(150, horizon)
+    core = dict(steps=horizon, budgets=budgets, seeds=(0, 1, 2))
+    arms = (
+        Arm(t, "flat", None, **core),
+        Arm(t, "masc", n // 2, **core, frequency=(horizon,)),
+        Arm(t, "kmeans", n // 2, **core, frequency=(horizon,)),
+        Arm(t, "masc", n // 4, steps=600, budgets=(300, 600), core=False),
+        Arm(t, "random", n // 2, steps=600, budgets=(300, 600), core=False),
     )
-    return Plan(name="full", model="gpt_micro", steps=300, batch=32, lr=1e-3, seeds=(0, 1, 2), cfg_scale=2.0,
-                fid_samples=1000, fid_reference=1000, heldout_codes=2000, tokenizers=(TOK_1024, TOK_4096),
-                arms=arms, fids=fids)
+    return Plan(name="full", model="gpt_micro", batch=32, lr=1e-3, cfg_scale=2.0, fid_samples=500,
+                fid_reference=1000, heldout_codes=1000, tokenizers=(TOK_1024,), arms=arms, deadline_s=2.5 * 3600,
+                not_run=("the N = 4096 tokenizer (flat and MASC k = 2048): its tokenizer and the two arms trained to "
+                         "the same horizon on 3 seeds would take about 2.1 h more on 2 workers, beyond the 2.5-hour "
+                         "budget next to the core; its 300-step result is in the history of this file",))
 
 
-def quick_plan() -> Plan:
-    """Minutes, not hours: its own small tokenizer and code set, one seed, few steps; FID on 250 samples is only a
-    smoke figure (far from comparable with the full plan's)."""
+def quick_plan(horizon: int = 40) -> Plan:
+    """Minutes, not hours: its own small tokenizer and code set, two seeds, few steps; FID on 100 samples is only a
+    smoke figure (far from comparable with the full plan's). Exercises every path of the full plan: curves over
+    seeds, a frequency-decoder extra, an extra arm."""
     tok = Tokenizer("fmnist_vq_quick", 1024, ("steps=120", "eval_images=500"), images=4000)
-    arms = _arms(tok, [("flat", None), ("masc", 512), ("kmeans", 512)])
-    fids = (("*", "*", 1.0, "uniform"), ("masc-k512", "*", 1.0, "frequency"), ("*", "*", 0.5, "uniform"))
-    return Plan(name="quick", model="gpt_nano", steps=60, batch=32, lr=1e-3, seeds=(0,), cfg_scale=2.0,
-                fid_samples=250, fid_reference=250, heldout_codes=500, tokenizers=(tok,), arms=arms, fids=fids)
+    t = tok.name
+    core = dict(steps=horizon, budgets=doubling_budgets(max(1, horizon // 4), horizon), seeds=(0, 1))
+    arms = (Arm(t, "flat", None, **core), Arm(t, "masc", 512, **core, frequency=(horizon,)),
+            Arm(t, "kmeans", 512, **core), Arm(t, "random", 512, steps=horizon // 2, budgets=(horizon // 2,),
+                                                seeds=(0,), core=False))
+    return Plan(name="quick", model="gpt_nano", batch=32, lr=1e-3, cfg_scale=2.0, fid_samples=100,
+                fid_reference=200, heldout_codes=500, tokenizers=(tok,), arms=arms)
 
 
 PLANS = {"full": full_plan, "quick": quick_plan}
+
+
+# -- cost model ------------------------------------------------------------------------------------------------------
+# From the committed full study at revision d22444e (docs/benchmarks.md, "Wall time"; AMD EPYC, 2 cores, 2
+# single-threaded workers): 21 runs of 300 steps trained in 130.9 s each on average; 15 of them on N = 1024, 6 on
+# N = 4096, whose larger output layer costs ~1.4x per step (FLOPs of gpt_micro), so 15 x + 6 x 1.4 x = 21 x 130.9
+# gives x = 117 s: 0.39 s per step at N = 1024, rounded up to 0.40 (it includes each run's start-up). One FID's
+# Inception took 229.3 s per 1000 images and sampling 15.2 s per 1000. The 2 x 5850.7 worker-seconds of training
+# + scoring, less training (2,749), Inception (33 x 229.3) and sampling (27 x 15.2), leave 975 s over 27 scored
+# checkpoints: 36 s each (held-out diagnostics, decoding, FID algebra, loading, and the pool's idle tail). Speed
+# benchmarks: the 106-minute total less the logged stages, about 250 s; tokenizer training 484.2 s including its
+# rFID, plus ~150 s encoding the codes ("another ~20 minutes" for both tokenizers, the slower one trained 1052.7 s).
+STEP_S = {"gpt_micro": 0.40, "gpt_nano": 0.05}  # per training step at batch 32, N = 1024 (nano: a guess, quick only)
+SAMPLE_S = 15.21 / 1000  # per generated sample (CFG 2.0, KV cache)
+INCEPTION_S = 229.30 / 1000  # per image per FID
+EVAL_S = 36.0  # per uniform-decoder score, beyond sampling and Inception
+DECODER_EVAL_S = 12.0  # per further decoder of already generated samples, beyond Inception (load, decode, FID)
+TOKENIZER_S = {"fmnist_vq_tiny": 640.0, "fmnist_vq_4096": 1210.0, "fmnist_vq_quick": 60.0}
+MAPPINGS_S = 12.0  # trees and k-means mappings of one tokenizer, in the driver
+SPEED_S = 250.0  # the speed benchmarks, run before the study with nothing else running
+SPEED_QUICK_S = 60.0
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str  # tokenizer | reference | train | score
+    tokenizer: str = ""
+    label: str = ""
+    seed: int = -1
+    step: int = 0
+    decoder: str = ""
+
+    def __str__(self) -> str:
+        if self.kind in ("tokenizer", "reference"):
+            return f"{self.kind} {self.tokenizer}".strip()
+        what = f"{self.kind} {self.tokenizer} {self.label} seed {self.seed}"
+        return what + (f" step {self.step} ({self.decoder})" if self.kind == "score" else "")
+
+
+def _vocab_factor(n: int) -> float:
+    return 1.0 + 0.4 * max(0, n - 1024) / 3072  # 1.4x per step at N = 4096 (see the cost model above)
+
+
+def job_cost(plan: Plan, job: Job) -> float:
+    """Estimated seconds of one worker for a job (the cost model above)."""
+    if job.kind == "tokenizer":
+        return TOKENIZER_S.get(job.tokenizer, 600.0) + MAPPINGS_S
+    if job.kind == "reference":
+        return plan.fid_reference * INCEPTION_S + 12.0
+    arm = plan.arm(job.tokenizer, job.label)
+    n = next(t.codebook_size for t in plan.tokenizers if t.name == arm.tokenizer)
+    if job.kind == "train":
+        return arm.steps * STEP_S.get(plan.model, 0.4) * plan.batch / 32 * _vocab_factor(n)
+    if job.decoder == "uniform":
+        return EVAL_S + plan.fid_samples * (SAMPLE_S * _vocab_factor(n) + INCEPTION_S)
+    return DECODER_EVAL_S + plan.fid_samples * INCEPTION_S
+
+
+def plan_jobs(plan: Plan) -> tuple[list[Job], dict[Job, tuple[Job, ...]], dict[Job, tuple | None]]:
+    """(jobs in priority order, their dependencies, their extra unit or None for core jobs).
+
+    Order: tokenizers and the reference features; core training runs (seed by seed); scores of core checkpoints
+    (seed by seed); then the extras in plan order, each admitted as a unit (a frequency score of a core run, or an
+    extra arm's seed: its training and all its scores). Long jobs before short ones (training runs take ~6x a
+    score): the short scores then fill both workers to the end, where scores first would leave one worker idle
+    while the last training run finishes (~400 s more on the full plan's cost model).
+    """
+    ref = Job("reference")
+    toks = [Job("tokenizer", t.name) for t in plan.tokenizers]
+    deps: dict[Job, tuple[Job, ...]] = {j: () for j in [*toks, ref]}
+    unit: dict[Job, tuple | None] = {j: None for j in deps}
+    core_scores, core_trains, extras = [], [], []
+    seed_rank = {s: i for i, s in enumerate(plan.seeds)}
+    for ai, arm in enumerate(plan.arms):
+        for seed in arm.seeds:
+            tr = Job("train", arm.tokenizer, arm.label, seed)
+            deps[tr] = (Job("tokenizer", arm.tokenizer),)
+            scores = []
+            for step, dec in plan.evals(arm):
+                sj = Job("score", arm.tokenizer, arm.label, seed, step, dec)
+                deps[sj] = (tr, ref) if dec == "uniform" else (Job("score", arm.tokenizer, arm.label, seed, step,
+                                                                   "uniform"),)
+                scores.append(sj)
+            if arm.core:
+                unit[tr] = None
+                core_trains.append(((seed_rank[seed], ai), tr))
+                for sj in scores:
+                    if sj.decoder == "uniform":
+                        unit[sj] = None
+                        core_scores.append(((seed_rank[seed], ai, sj.step), sj))
+                    else:  # one unit per (arm, step, decoder) over the seeds: a single seed has no spread
+                        unit[sj] = ("frequency", arm.tokenizer, arm.label, sj.step, sj.decoder)
+                        extras.append(((ai, 0, sj.step, seed_rank[seed]), [sj]))
+            else:  # one unit per arm: its training runs and all their scores, seed by seed
+                for j in (tr, *scores):
+                    unit[j] = ("arm", arm.tokenizer, arm.label)
+                extras.append(((ai, 1, 0, seed_rank[seed]), [tr, *scores]))
+    order = [*toks, ref, *[j for _, j in sorted(core_trains, key=lambda x: x[0])],
+             *[j for _, j in sorted(core_scores, key=lambda x: x[0])],
+             *[j for _, js in sorted(extras, key=lambda x: x[0]) for j in js]]
+    return order, deps, unit
+
+
+def simulate(jobs: list[Job], deps: dict, prio: dict, cost, workers: int, done=(), running=None) -> float:
+    """Makespan of list scheduling: whenever a worker is free it takes the first ready job in priority order.
+    ``running``: job -> remaining seconds of jobs already on a worker. Jobs whose dependencies can never finish
+    are left out."""
+    fin = set(done)
+    events = [(rem, prio.get(j, -1), i, j) for i, (j, rem) in enumerate((running or {}).items())]
+    heapq.heapify(events)
+    pend = sorted(jobs, key=lambda j: prio[j])
+    free, t, end, tick = workers - len(events), 0.0, 0.0, len(events)
+    while True:
+        while free > 0:
+            j = next((j for j in pend if all(d in fin for d in deps[j])), None)
+            if j is None:
+                break
+            pend.remove(j)
+            tick += 1
+            heapq.heappush(events, (t + cost(j), prio[j], tick, j))
+            free -= 1
+        if not events:
+            return end
+        t, _, _, j = heapq.heappop(events)
+        end = max(end, t)
+        fin.add(j)
+        free += 1
+
+
+def unit_name(u: tuple) -> str:
+    """('arm', tok, label) -> 'tok label (all seeds)'; ('frequency', tok, label, step, dec) -> '... dec @ step'."""
+    if u[0] == "arm":
+        return f"{u[1]} {u[2]}"
+    return f"{u[1]} {u[2]} {u[4]} decoder @ {u[3]}"
+
+
+class Scheduler:
+    """Hands out jobs in priority order once their dependencies are done; extras only within the deadline."""
+
+    def __init__(self, plan: Plan, workers: int, done=(), deadline_s: float | None = None, cost=None):
+        self.plan, self.workers, self.deadline_s = plan, workers, deadline_s
+        self.jobs, self.deps, self.unit = plan_jobs(plan)
+        self.prio = {j: i for i, j in enumerate(self.jobs)}
+        self.cost = cost or functools.partial(job_cost, plan)
+        self.done = set(done) & set(self.jobs)
+        self.pending = [j for j in self.jobs if j not in self.done]
+        self.running: dict[Job, float] = {}
+        self.admitted: set = set()
+        self.failed: list[Job] = []
+        self.blocked: list[Job] = []  # jobs that depended on a failed one
+
+    @property
+    def skipped(self) -> list[tuple]:
+        """Extra units not admitted (so far: once nothing is left to run, those the deadline left out)."""
+        return list(dict.fromkeys(self.unit[j] for j in self.pending if self.unit[j] not in (None, *self.admitted)))
+
+    def _ready(self, j: Job) -> bool:
+        return all(d in self.done for d in self.deps[j])
+
+    def projected(self, now: float, unit: tuple | None = None) -> float:
+        """Seconds from ``now`` until everything running, every pending core job, every admitted extra and ``unit``
+        would be done, on the cost model."""
+        jobs = [j for j in self.pending if self.unit[j] is None or self.unit[j] in self.admitted
+                or self.unit[j] == unit]
+        running = {j: max(1.0, self.cost(j) - (now - t0)) for j, t0 in self.running.items()}
+        return simulate(jobs, self.deps, self.prio, self.cost, self.workers, self.done, running)
+
+    def pick(self, now: float) -> Job | None:
+        """The first ready job in priority order, or None. An extra unit is admitted (for good) when its first job
+        is picked and the projected end with it stays inside the deadline; one that does not fit is asked again at
+        the next pick, so a unit that fits later, or a smaller one behind it, still runs."""
+        rejected = set()
+        for j in self.pending:
+            if not self._ready(j):
+                continue
+            u = self.unit[j]
+            if u is not None and u not in self.admitted:
+                if u in rejected:
+                    continue
+                if self.deadline_s is not None and now + self.projected(now, u) > self.deadline_s:
+                    rejected.add(u)
+                    continue
+                self.admitted.add(u)
+            self.pending.remove(j)
+            self.running[j] = now
+            return j
+        return None
+
+    def finish(self, job: Job, ok: bool = True) -> None:
+        self.running.pop(job, None)
+        if ok:
+            self.done.add(job)
+            return
+        self.failed.append(job)
+        lost = {job}
+        for j in list(self.pending):  # priority order puts dependents after what they depend on
+            if any(d in lost for d in self.deps[j]):
+                lost.add(j)
+                self.pending.remove(j)
+                self.blocked.append(j)
+
+
+def estimate(plan: Plan, workers: int = 2, deadline_s: float | None = ..., tokenizers_built: bool = False,
+             speed: bool = True) -> dict:
+    """The whole benchmark on the cost model, scheduled as ``run_plan`` does (speed benchmarks first, then the
+    pool), extras admitted against the deadline (default: the plan's; 0: none). Seconds and worker-seconds."""
+    deadline = plan.deadline_s if deadline_s is ... else deadline_s
+
+    def cost(j: Job) -> float:
+        return 20.0 + MAPPINGS_S if (j.kind == "tokenizer" and tokenizers_built) else job_cost(plan, j)
+
+    sched = Scheduler(plan, workers, deadline_s=deadline, cost=cost)
+    t0 = (SPEED_S if plan.name == "full" else SPEED_QUICK_S) if speed else 0.0
+    now, events, tick = t0, [], 0
+    while True:
+        while len(sched.running) < workers and (j := sched.pick(now)) is not None:
+            tick += 1
+            heapq.heappush(events, (now + cost(j), tick, j))
+        if not events:
+            break
+        now, _, j = heapq.heappop(events)
+        sched.finish(j)
+    work = {}
+    for j in sched.done:
+        work[j.kind] = work.get(j.kind, 0.0) + cost(j)
+    return {"total_s": now, "speed_s": t0, "worker_s": work, "workers": workers, "deadline_s": deadline,
+            "admitted": [unit_name(u) for u in sched.admitted], "skipped": [unit_name(u) for u in sched.skipped],
+            "jobs": len(sched.done)}
 
 
 # -- configs -------------------------------------------------------------------------------------------------------
@@ -130,9 +412,9 @@ def tokenizer_overrides(tok: Tokenizer, root: Path) -> list[str]:
 def train_overrides(plan: Plan, arm: Arm, seed: int, root: Path) -> list[str]:
     tok = next(t for t in plan.tokenizers if t.name == arm.tokenizer)
     o = ["experiment=cpu_default", f"model={plan.model}", f"head={arm.head}", *tokenizer_overrides(tok, root),
-         f"train.seed={seed}", f"train.steps={plan.steps}", f"train.global_batch_size={plan.batch}",
+         f"train.seed={seed}", f"train.steps={arm.steps}", f"train.global_batch_size={plan.batch}",
          f"optim.lr={plan.lr}", "logger=none", "train.log_every=10", "train.sample_every=0", "train.eval_every=0",
-         f"train.ckpt_every={math.gcd(*plan.eval_steps(arm), plan.steps)}", "train.keep_last=100",
+         f"train.ckpt_every={math.gcd(*plan.eval_steps(arm), arm.steps)}", "train.keep_last=0",
          f"train.sample_cfg_scale={plan.cfg_scale}", *plan.extra]
     if arm.head == "flat":
         ks = [a.k for a in plan.arms if a.tokenizer == arm.tokenizer and a.head == "masc"]
@@ -167,7 +449,51 @@ def run_dir(root: Path, arm: Arm, seed: int) -> Path:
     return root / "runs" / arm.tokenizer / arm.label / f"seed{seed}"
 
 
-# -- stage 0: tokenizers and codes -----------------------------------------------------------------------------------
+def eval_path(rd: Path, step: int, decoder: str) -> Path:
+    return rd / "evals" / f"step{step:06d}-{decoder}.json"
+
+
+def train_key(plan: Plan, arm: Arm, seed: int) -> str:
+    """What a training run's weights mean (not how far it went: a longer horizon continues the same run)."""
+    tok = next(t for t in plan.tokenizers if t.name == arm.tokenizer)
+    return json.dumps({"model": plan.model, "batch": plan.batch, "lr": plan.lr, "extra": list(plan.extra),
+                       "tokenizer": asdict(tok), "head": arm.head, "k": arm.k, "seed": seed}, sort_keys=True)
+
+
+def eval_key(plan: Plan, arm: Arm, seed: int, step: int, decoder: str) -> str:
+    return json.dumps({"train": train_key(plan, arm, seed), "step": step, "decoder": decoder,
+                       "fid_samples": plan.fid_samples, "fid_reference": plan.fid_reference,
+                       "heldout_codes": plan.heldout_codes, "cfg_scale": plan.cfg_scale}, sort_keys=True)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, default=float))
+    os.replace(tmp, path)
+
+
+def job_done(plan: Plan, job: Job, root: Path) -> bool:
+    """A training run at or past its arm's steps, or a score, already on disk with the same meaning."""
+    if job.kind not in ("train", "score"):
+        return False  # tokenizer and reference jobs are cheap when their outputs exist: they check for themselves
+    arm = plan.arm(job.tokenizer, job.label)
+    rd = run_dir(root, arm, job.seed)
+    if job.kind == "train":
+        r = _read_json(rd / "train.json")
+        return bool(r) and r.get("key") == train_key(plan, arm, job.seed) and r.get("final_step", 0) >= arm.steps
+    r = _read_json(eval_path(rd, job.step, job.decoder))
+    return bool(r) and r.get("key") == eval_key(plan, arm, job.seed, job.step, job.decoder)
+
+
+# -- tokenizers and codes --------------------------------------------------------------------------------------------
 def build_tokenizer(plan: Plan, tok: Tokenizer, root: Path) -> dict:
     """Train the tokenizer and encode the training set (skipped when up to date), then the held-out code set."""
     import torch
@@ -233,7 +559,6 @@ def heldout_codes(cfg, n: int, root: Path) -> Path:
     return path
 
 
-# -- stage 1: one arm x seed -----------------------------------------------------------------------------------------
 def coarse_mappings(plan: Plan, tokenizer: str, root: Path) -> dict:
     """label -> (N,) mapping of every coarse arm on this tokenizer (built once, cached under artifacts/trees)."""
     from masc_llamagen.data.codes import CodeDataset
@@ -242,50 +567,13 @@ def coarse_mappings(plan: Plan, tokenizer: str, root: Path) -> dict:
 
     out = {}
     for arm in plan.arms:
-        if arm.tokenizer != tokenizer or arm.head == "flat":
+        if arm.tokenizer != tokenizer or arm.head == "flat" or arm.label in out:
             continue
         cfg = compose(train_overrides(plan, arm, 0, root), root / "scratch")
         voc, _ = vocabulary_from_config(cfg.head, tokenizer_codebook(cfg), CodeDataset(cfg.data.codes).code_counts(),
                                         Path(cfg.paths.artifacts) / "trees")
         out[arm.label] = voc.mapping
     return out
-
-
-def run_arm(plan_name: str, arm: Arm, seed: int, root: str) -> dict:
-    import torch
-
-    plan, root = PLANS[plan_name](), Path(root)
-    torch.set_num_threads(plan.threads)
-    rd = run_dir(root, arm, seed)
-    result_path = rd / "bench.json"
-    key = json.dumps({"plan": asdict(plan), "arm": asdict(arm), "seed": seed}, sort_keys=True)
-    if result_path.is_file() and json.loads(result_path.read_text()).get("key") == key:
-        return json.loads(result_path.read_text())
-    from masc_llamagen.train.checkpointing import checkpoint_path
-    from masc_llamagen.train.loop import train
-
-    cfg = compose(train_overrides(plan, arm, seed, root), rd)
-    t0 = time.perf_counter()
-    out = train(cfg)
-    train_s = time.perf_counter() - t0
-    metrics = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    mappings = coarse_mappings(plan, arm.tokenizer, root) if arm.head == "flat" else {}
-    evals = []
-    for step in plan.eval_steps(arm):
-        ck = checkpoint_path(rd / "checkpoints", step)
-        decoders = [d for s, d in plan.evals(arm) if s == step]
-        t1 = time.perf_counter()
-        ev = evaluate_checkpoint(plan, cfg, ck, decoders, mappings, seed, root,
-                                 grid=rd / "report" / f"samples-step{step}.png")
-        ev["wall_s"] = round(time.perf_counter() - t1, 1)
-        evals.append({"step": step, **ev})
-    res = {"key": key, "arm": asdict(arm) | {"label": arm.label}, "seed": seed, "train_wall_s": round(train_s, 1),
-           "final_step": out["step"], "metrics": metrics, "evals": evals, "run_dir": str(rd),
-           "threads": torch.get_num_threads()}
-    tmp = result_path.with_name(".bench.json.tmp")
-    tmp.write_text(json.dumps(res, default=float))
-    os.replace(tmp, result_path)
-    return res
 
 
 @functools.lru_cache(maxsize=1)
@@ -297,18 +585,105 @@ def inception():
 
 
 def reference_features(plan: Plan, cfg):
-    """(npz, Inception features) of the held-out reference images, cached under artifacts/fid."""
+    """(npz, Inception features) of the held-out reference images, cached under artifacts/fid; a file lock keeps
+    two processes from computing them at once."""
     from masc_llamagen.data.images import heldout_split
     from masc_llamagen.eval.metrics import dataset_reference_npz
 
     cache = Path(cfg.paths.artifacts) / "fid"
-    npz = dataset_reference_npz(cfg.data.name, heldout_split(cfg.data.name), image_size=cfg.data.image_size,
-                                limit=plan.fid_reference, cache=cache)
-    return npz, inception().cached(npz, cache=cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".reference.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        npz = dataset_reference_npz(cfg.data.name, heldout_split(cfg.data.name), image_size=cfg.data.image_size,
+                                    limit=plan.fid_reference, cache=cache)
+        return npz, inception().cached(npz, cache=cache)
 
 
-def evaluate_checkpoint(plan: Plan, cfg, ck: Path, decoders: list[str], mappings: dict, seed: int, root: Path,
-                        grid: Path) -> dict:
+# -- jobs (run in the workers) --------------------------------------------------------------------------------------
+def run_job(plan: Plan, job: Job, root: str) -> dict:
+    import torch
+
+    torch.set_num_threads(plan.threads)
+    root_p = Path(root)
+    t0 = time.perf_counter()
+    if job.kind == "tokenizer":
+        out = build_tokenizer(plan, next(t for t in plan.tokenizers if t.name == job.tokenizer), root_p)
+    elif job.kind == "reference":
+        reference_features(plan, tokenizer_cfg(plan.tokenizers[0], root_p))
+        out = {}
+    elif job.kind == "train":
+        out = train_job(plan, plan.arm(job.tokenizer, job.label), job.seed, root_p)
+    else:
+        out = score_job(plan, plan.arm(job.tokenizer, job.label), job.seed, job.step, job.decoder, root_p)
+    return out | {"job_wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def train_job(plan: Plan, arm: Arm, seed: int, root: Path) -> dict:
+    """Train (or continue) one (arm, seed) to ``arm.steps``; writes train.json."""
+    import numpy as np
+
+    from masc_llamagen.train.loop import train
+
+    rd = run_dir(root, arm, seed)
+    path, key = rd / "train.json", train_key(plan, arm, seed)
+    prev = _read_json(path)
+    if prev and prev.get("key") == key and prev.get("final_step", 0) >= arm.steps:
+        return prev
+    cfg = compose(train_overrides(plan, arm, seed, root), rd)
+    t0 = time.perf_counter()
+    out = train(cfg)
+    dt = time.perf_counter() - t0
+    if out.get("stopped_early"):
+        raise RuntimeError(f"training stopped early at step {out['step']} (signal); rerun to continue")
+    metrics = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    step_s = [m["train/step_time_s"] for m in metrics if "train/step_time_s" in m]
+    earlier = prev.get("train_wall_s", 0.0) if prev and prev.get("key") == key else 0.0
+    res = {"key": key, "arm": asdict(arm) | {"label": arm.label}, "seed": seed, "final_step": out["step"],
+           "train_wall_s": round(earlier + dt, 1), "step_time_s": float(np.median(step_s)) if step_s else None,
+           "metrics": metrics, "run_dir": str(rd)}
+    _write_json(path, res)
+    return res
+
+
+def score_job(plan: Plan, arm: Arm, seed: int, step: int, decoder: str, root: Path) -> dict:
+    """Score one checkpoint with one member decoder; writes evals/step<step>-<decoder>.json."""
+    rd = run_dir(root, arm, seed)
+    path, key = eval_path(rd, step, decoder), eval_key(plan, arm, seed, step, decoder)
+    prev = _read_json(path)
+    if prev and prev.get("key") == key:
+        return prev
+    from masc_llamagen.train.checkpointing import checkpoint_path
+
+    cfg = compose(train_overrides(plan, arm, seed, root), rd)
+    ck = checkpoint_path(rd / "checkpoints", step)
+    t0 = time.perf_counter()
+    grid = rd / "report" / f"samples-step{step}.png" if step == max(arm.budgets) else None
+    if decoder == "uniform":
+        mappings = coarse_mappings(plan, arm.tokenizer, root) if arm.head == "flat" else {}
+        ev = evaluate_checkpoint(plan, cfg, ck, mappings, seed, root, ids_path=path.with_suffix(".ids.npz"),
+                                 grid=grid)
+    else:
+        ev = score_decoder(plan, cfg, ck, decoder, seed, eval_path(rd, step, "uniform").with_suffix(".ids.npz"))
+    res = {"key": key, "step": step, "decoder": decoder, **ev, "wall_s": round(time.perf_counter() - t0, 1)}
+    _write_json(path, res)
+    return res
+
+
+def _images(vq, tokens, side: int):
+    import numpy as np
+    import torch
+
+    from masc_llamagen.train.images import to_uint8
+
+    with torch.no_grad():
+        return np.concatenate([to_uint8(vq.decode_code(tokens[s : s + 250].reshape(-1, side, side)))
+                               for s in range(0, len(tokens), 250)])
+
+
+def evaluate_checkpoint(plan: Plan, cfg, ck: Path, mappings: dict, seed: int, root: Path, ids_path: Path,
+                        grid: Path | None) -> dict:
+    """Held-out diagnostics, then ``fid_samples`` samples -> uniform member decoder -> FID. The sampled coarse ids
+    are kept (``ids_path``) for the other decoders."""
     import numpy as np
     import torch
 
@@ -319,7 +694,6 @@ def evaluate_checkpoint(plan: Plan, cfg, ck: Path, decoders: list[str], mappings
     from masc_llamagen.report import class_grid
     from masc_llamagen.sample import head_from_checkpoint
     from masc_llamagen.train.checkpointing import load_training_checkpoint
-    from masc_llamagen.train.images import to_uint8
 
     state = load_training_checkpoint(ck)
     model = load_gpt(ck, prefer_ema=True).eval()
@@ -358,30 +732,76 @@ def evaluate_checkpoint(plan: Plan, cfg, ck: Path, decoders: list[str], mappings
     cls = torch.arange(n) * model.config.num_classes // n
     sc = SamplingConfig(cfg_scale=plan.cfg_scale)
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(20_000 + seed)
+    g = torch.Generator().manual_seed(20_000 + seed)  # the same draws at every budget: smoother curves
     ids = torch.cat([generate(model, cls[s : s + 250], sampling=sc, generator=g) for s in range(0, n, 250)])
     out["sample_s"] = round(time.perf_counter() - t0, 1)
-    fe = inception()
-    ref_npz, ref = reference_features(plan, cfg)
+    ids_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ids_path.with_name(f".{ids_path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, ids=ids.numpy(), labels=cls.numpy())
+    os.replace(tmp, ids_path)
     side = math.isqrt(model.config.block_size)
-    out["fid"] = {}
-    for d in decoders:
-        v = vocabs[d]
-        tokens = v.decode(ids, generator=torch.Generator().manual_seed(30_000 + seed))
-        with torch.no_grad():
-            imgs = np.concatenate([to_uint8(vq.decode_code(tokens[s : s + 250].reshape(-1, side, side)))
-                                   for s in range(0, n, 250)])
-        t1 = time.perf_counter()
-        out["fid"][d] = frechet_distance(fe(imgs), ref)
-        out[f"inception_s_{d}"] = round(time.perf_counter() - t1, 1)
-        if d == "uniform":
-            npz = grid.with_suffix(".npz")
-            npz.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(npz, arr_0=imgs[: 10 * 10 * 10], labels=cls.numpy()[:1000])
-            class_grid(npz, grid)
-            out["grid"] = str(grid)
-    out["fid_reference"] = str(ref_npz)
+    imgs = _images(vq, voc.decode(ids, generator=torch.Generator().manual_seed(30_000 + seed)), side)
+    _, ref = reference_features(plan, cfg)
+    t1 = time.perf_counter()
+    out["fid"] = frechet_distance(inception()(imgs), ref)
+    out["inception_s"] = round(time.perf_counter() - t1, 1)
+    if grid is not None:
+        npz = grid.with_suffix(".npz")
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        keep = np.concatenate([np.flatnonzero(cls.numpy() == c)[:10] for c in range(model.config.num_classes)])
+        np.savez(npz, arr_0=imgs[keep], labels=cls.numpy()[keep])
+        class_grid(npz, grid)
+        out["grid"] = str(grid)
     return out
+
+
+def score_decoder(plan: Plan, cfg, ck: Path, decoder: str, seed: int, ids_path: Path) -> dict:
+    """FID of the samples the uniform score drew, decoded to fine tokens by another member decoder."""
+    import numpy as np
+    import torch
+
+    from masc_llamagen.checkpoint import load_vq
+    from masc_llamagen.eval.fid import frechet_distance
+    from masc_llamagen.sample import head_from_checkpoint
+    from masc_llamagen.train.checkpointing import load_training_checkpoint
+
+    state = load_training_checkpoint(ck)
+    voc = head_from_checkpoint(state, decoder, cfg.head.smoothing)
+    vq = load_vq(cfg.tokenizer.checkpoint).eval()
+    with np.load(ids_path) as z:
+        ids = torch.from_numpy(z["ids"].astype(np.int64))
+    side = math.isqrt(ids.shape[1])
+    imgs = _images(vq, voc.decode(ids, generator=torch.Generator().manual_seed(30_000 + seed)), side)
+    _, ref = reference_features(plan, cfg)
+    t1 = time.perf_counter()
+    fid = frechet_distance(inception()(imgs), ref)
+    return {"checkpoint": str(ck), "fid": fid, "inception_s": round(time.perf_counter() - t1, 1)}
+
+
+# -- results ---------------------------------------------------------------------------------------------------------
+def assemble(plan: Plan, arm: Arm, seed: int, root: Path) -> dict | None:
+    """Gather one run's train.json and its scores (those of this plan's meaning) into bench.json."""
+    rd = run_dir(root, arm, seed)
+    tr = _read_json(rd / "train.json")
+    if not tr or tr.get("key") != train_key(plan, arm, seed):
+        return None
+    by_step: dict[int, dict] = {}
+    for step, dec in plan.evals(arm):
+        e = _read_json(eval_path(rd, step, dec))
+        if not e or e.get("key") != eval_key(plan, arm, seed, step, dec):
+            continue
+        row = by_step.setdefault(step, {"step": step, "fid": {}})
+        row["fid"][dec] = e["fid"]
+        row[f"inception_s_{dec}"] = e.get("inception_s")
+        row[f"wall_s_{dec}"] = e.get("wall_s")
+        for k in ("heldout", "sample_s", "grid", "checkpoint"):
+            if k in e:
+                row[k] = e[k]
+    res = {"key": tr["key"], "arm": asdict(arm) | {"label": arm.label}, "seed": seed,
+           "train_wall_s": tr["train_wall_s"], "final_step": tr["final_step"], "step_time_s": tr.get("step_time_s"),
+           "metrics": tr["metrics"], "evals": [by_step[s] for s in sorted(by_step)], "run_dir": str(rd)}
+    _write_json(rd / "bench.json", res)
+    return res
 
 
 # -- driver ----------------------------------------------------------------------------------------------------------
@@ -389,57 +809,84 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
 
 
-def run_plan(plan_name: str, root: Path, workers: int = 2, log=print) -> dict:
-    plan = PLANS[plan_name]()
+def run_plan(plan: Plan | str, root: Path, workers: int = 2, log=print, started: float | None = None,
+             deadline: bool = True) -> dict:
+    """Run every job not yet done; extras only while the projected end stays inside the plan's deadline, counted
+    from ``started`` (time.time() of the start of make bench; default now)."""
+    plan = PLANS[plan]() if isinstance(plan, str) else plan
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(plan.threads))
-    timings: dict = {}
-    t0 = time.perf_counter()
-    with _pool(workers) as pool:
-        futs = {pool.submit(build_tokenizer, plan, tok, root): tok.name for tok in plan.tokenizers}
-        toks = {}
-        for f in as_completed(futs):
-            toks[futs[f]] = f.result()
-            log(f"tokenizer {futs[f]}: {toks[futs[f]]['wall_s']} s", flush=True)
-    timings["tokenizers_codes_s"] = round(time.perf_counter() - t0, 1)
-    # Build every tree/mapping once here, so parallel runs never race to create the same cache file.
-    t1 = time.perf_counter()
-    for tok in plan.tokenizers:
-        coarse_mappings(plan, tok.name, root)
-    # ... and the reference features, once, before two workers could both miss the cache
-    reference_features(plan, tokenizer_cfg(plan.tokenizers[0], root))
-    timings["mappings_and_reference_s"] = round(time.perf_counter() - t1, 1)
+    started = time.time() if started is None else started
+    jobs, _, _ = plan_jobs(plan)
+    done = {j for j in jobs if job_done(plan, j, root)}
+    sched = Scheduler(plan, workers, done, plan.deadline_s if deadline else None)
+    t_pool = time.perf_counter()
+    toks, timings, failed = {}, {"tokenizers_s": {}, "mappings_s": 0.0}, []
 
-    t2 = time.perf_counter()
-    # Seed by seed (an interrupted study still has every arm at the first seeds), the most expensive runs first
-    # within a seed (more FIDs, larger vocabularies) so no worker is left alone with a long one at the end.
-    def cost(arm: Arm) -> float:
-        return len(plan.evals(arm)) * 3 + (arm.k or next(t.codebook_size for t in plan.tokenizers
-                                                          if t.name == arm.tokenizer)) / 1024
+    def elapsed() -> float:
+        return time.time() - started
 
-    jobs = [(arm, seed) for seed in plan.seeds for arm in sorted(plan.arms, key=cost, reverse=True)]
-    results, failed = [], []
+    log(f"{len(jobs) - len(done)} of {len(jobs)} jobs to run; projected end "
+        f"{elapsed() + sched.projected(elapsed()):.0f} s after the start"
+        + (f" (deadline for extras {plan.deadline_s:.0f} s)" if sched.deadline_s else ""), flush=True)
     with _pool(workers) as pool:
-        futs = {pool.submit(run_arm, plan.name, arm, seed, str(root)): (arm, seed) for arm, seed in jobs}
-        for f in as_completed(futs):
-            arm, seed = futs[f]
-            try:
-                r = f.result()
-            except Exception as e:  # one broken run must not throw away the others' hours
-                failed.append(f"{arm.tokenizer} {arm.label} seed {seed}: {type(e).__name__}: {e}")
-                log(f"FAILED {failed[-1]}", flush=True)
-                continue
-            results.append(r)
-            fids = {e["step"]: {d: round(v, 2) for d, v in e["fid"].items()} for e in r["evals"]}
-            log(f"[{time.strftime('%H:%M:%S')}] {arm.tokenizer} {arm.label} seed {seed}: train "
-                f"{r['train_wall_s']} s, FID {fids} ({len(results)}/{len(jobs)})", flush=True)
-    timings["runs_s"] = round(time.perf_counter() - t2, 1)
+        futs: dict = {}
+        while True:
+            while len(futs) < workers and (job := sched.pick(elapsed())) is not None:
+                futs[pool.submit(run_job, plan, job, str(root))] = job
+            if not futs:
+                break
+            for f in wait(futs, return_when=FIRST_COMPLETED)[0]:
+                job = futs.pop(f)
+                try:
+                    r = f.result()
+                except Exception as e:  # one broken job must not throw away the others' hours
+                    failed.append(f"{job}: {type(e).__name__}: {e}")
+                    log(f"FAILED {failed[-1]}", flush=True)
+                    sched.finish(job, ok=False)
+                    continue
+                if job.kind == "tokenizer":
+                    toks[job.tokenizer] = r
+                    timings["tokenizers_s"][job.tokenizer] = r["wall_s"]
+                    t1 = time.perf_counter()  # trees and mappings once, here, so no two workers race to build them
+                    coarse_mappings(plan, job.tokenizer, root)
+                    timings["mappings_s"] += round(time.perf_counter() - t1, 1)
+                elif job.kind == "reference":
+                    timings["reference_s"] = r["job_wall_s"]
+                else:
+                    assemble(plan, plan.arm(job.tokenizer, job.label), job.seed, root)
+                sched.finish(job)
+                what = f"FID {r['fid']:.2f}" if job.kind == "score" else f"{r.get('job_wall_s')} s"
+                log(f"[{time.strftime('%H:%M:%S')}] {job}: {what} ({len(sched.done)}/{len(jobs)} done, "
+                    f"{elapsed() / 60:.0f} min)", flush=True)
+    timings["pool_s"] = round(time.perf_counter() - t_pool, 1)
+    results = [r for arm in plan.arms for s in arm.seeds if (r := assemble(plan, arm, s, root))]
     summary = {"plan": asdict(plan), "tokenizers": toks, "timings": timings, "workers": workers,
-               "results": [str(Path(r["run_dir"]) / "bench.json") for r in results]}
-    (root / "convergence.json").write_text(json.dumps(summary, indent=2))
+               "estimate": estimate(plan, workers), "deadline_s": sched.deadline_s,
+               "admitted": [unit_name(u) for u in sched.admitted],
+               "skipped": [unit_name(u) for u in sched.skipped], "failed": failed,
+               "blocked": [str(j) for j in sched.blocked], "results": [str(Path(r["run_dir"]) / "bench.json")
+                                                                      for r in results]}
+    (root / "convergence.json").write_text(json.dumps(summary, indent=2, default=str))
+    if sched.skipped:
+        log("left out by the deadline: " + "; ".join(unit_name(u) for u in sched.skipped), flush=True)
     if failed:
-        raise SystemExit("runs failed (their results are missing from the report):\n" + "\n".join(failed))
+        raise SystemExit("jobs failed (their results are missing from the report):\n" + "\n".join(failed))
     return summary
+
+
+def make_plan(name: str, horizon: int | None = None) -> Plan:
+    return PLANS[name]() if horizon is None else PLANS[name](horizon)
+
+
+def describe_estimate(plan: Plan, workers: int = 2) -> str:
+    e, core = estimate(plan, workers), estimate(plan, workers, deadline_s=0)
+    built = estimate(plan, workers, deadline_s=0, tokenizers_built=True)
+    w = core["worker_s"]
+    return (f"{plan.name} plan on {workers} workers: {e['total_s'] / 3600:.2f} h in all, core "
+            f"{core['total_s'] / 3600:.2f} h ({built['total_s'] / 3600:.2f} h with the tokenizers built); core "
+            f"training {w.get('train', 0):,.0f} and scoring {w.get('score', 0):,.0f} worker-seconds; extras admitted: "
+            f"{', '.join(e['admitted']) or 'none'}; left out: {', '.join(e['skipped']) or 'none'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,10 +894,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the reduced plan (minutes)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--root", default=None, help="where runs and results go (default artifacts/bench/<plan>)")
+    ap.add_argument("--horizon", type=int, default=None, help="train the core arms to this many steps (budgets "
+                    "double from the first one up to it); existing runs continue from their last checkpoint")
+    ap.add_argument("--no-deadline", action="store_true", help="run the extras whatever the time")
+    ap.add_argument("--estimate", action="store_true", help="print the cost estimate and exit")
     args = ap.parse_args(argv)
     name = "quick" if args.quick else "full"
+    plan = make_plan(name, args.horizon)
+    if args.estimate:
+        print(describe_estimate(plan, args.workers))
+        return 0
     root = Path(args.root or REPO / "artifacts" / "bench" / name)
-    run_plan(name, root, args.workers)
+    run_plan(plan, root, args.workers, deadline=not args.no_deadline)
     return 0
 
 
