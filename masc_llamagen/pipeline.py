@@ -23,7 +23,7 @@ from omegaconf import DictConfig, open_dict
 from masc_llamagen.config import register
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-STAGES = ("tokenizer", "codes", "tree", "train", "sample", "eval", "report")
+STAGES = ("tokenizer", "codes", "text", "tree", "train", "sample", "eval", "report")  # text: t2i runs only
 
 
 def _hash(obj) -> str:
@@ -55,6 +55,18 @@ class Stamp:
         return json.loads(self.path.read_text())
 
 
+def _fetch_emoji(root: Path) -> None:
+    """The Twemoji package from the npm registry (scripts/fetch_emoji.sh: a no-op once it is unpacked)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fetch_emoji.sh"
+    r = subprocess.run(["bash", str(script), str(root)], capture_output=True, text=True)
+    if r.returncode != 0:
+        from masc_llamagen.data.captions import CaptionDataError
+
+        raise CaptionDataError((r.stderr.strip().splitlines() or ["fetch_emoji.sh failed"])[-1].removeprefix("error: "))
+
+
 def codes_inputs(cfg: DictConfig) -> dict:
     """What the codes are made from: the tokenizer file, the dataset and where its images are actually read."""
     from masc_llamagen.data.images import default_root
@@ -83,7 +95,8 @@ def merge_record(path: Path, results: dict) -> dict:
 def compose_train(overrides: list[str]) -> DictConfig:
     register()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        cfg = compose("train", overrides=["experiment=cpu_default", *overrides])
+        preset = [] if any(o.startswith("experiment=") for o in overrides) else ["experiment=cpu_default"]
+        cfg = compose("train", overrides=[*preset, *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(Path(cfg.paths.runs) / cfg.name / _hash(sorted(overrides))[:8])
     return cfg
@@ -97,6 +110,9 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
         vq_overrides: list[str] = (), rfid_images: int = 500) -> dict:
     cfg = compose_train(overrides)
     artifacts, run_dir = Path(cfg.paths.artifacts), Path(cfg.paths.output_dir)
+    t2i = cfg.model.model_type == "t2i"
+    if t2i and cfg.data.name == "twemoji":
+        _fetch_emoji(Path(cfg.data.root))
     results: dict = {"timings_s": {}}
     t_all = time.perf_counter()
 
@@ -114,8 +130,10 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
 
         from masc_llamagen.tokenizer.train import train_tokenizer
 
+        data = ({"data": {"name": cfg.data.name, "root": cfg.data.root, "image_size": cfg.data.image_size}}
+                if t2i else {})  # c2i: the tokenizer config's own data (Fashion-MNIST)
         vq_cfg = OmegaConf.merge(OmegaConf.create({"out": str(cfg.tokenizer.checkpoint), "force": force_it,
-                                                   "rfid_images": rfid_images}),
+                                                   "rfid_images": rfid_images, **data}),
                                  OmegaConf.from_dotlist(list(vq_overrides)))
         rep = train_tokenizer(vq_cfg)
         _log("tokenizer", f"{cfg.tokenizer.checkpoint} (PSNR {rep.get('psnr')}, usage {rep.get('codebook_usage')})")
@@ -138,13 +156,30 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
             import shutil
 
             shutil.rmtree(out)
-        extract_codes(vq, {"name": cfg.data.name, "split": "train", "image_size": cfg.data.image_size,
-                           "root": cfg.data.root}, out, tokenizer_path=cfg.tokenizer.checkpoint)
+        spec = {"name": cfg.data.name, "split": "train", "image_size": cfg.data.image_size, "root": cfg.data.root}
+        extract_codes(vq, {**spec, "task": "t2i"} if t2i else spec, out, tokenizer_path=cfg.tokenizer.checkpoint)
         summary = {"codes": str(out)}
         stamp.write(summary)
         return summary
 
     results["codes"] = timed("codes", codes)
+
+    # 2b. caption features (t2i) -------------------------------------------------------------------------------
+    def text(force_it):
+        from masc_llamagen.data.captions import heldout_captions
+        from masc_llamagen.data.codes import CodeDataset
+        from masc_llamagen.text import build_text_encoder, extract_text_features
+
+        enc = build_text_encoder(cfg.text.encoder, cfg.text.path, max_length=cfg.model.cls_token_num or 120)
+        train_captions = CodeDataset(cfg.data.codes).captions
+        held = heldout_captions(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
+        for captions, out in ((train_captions, cfg.text.features), (held, cfg.text.heldout_features)):
+            extract_text_features(enc, captions, out, overwrite=force_it)  # skipped when already done
+        _log("text", f"{len(train_captions)} + {len(held)} captions with {enc.name} -> {cfg.text.features}")
+        return {"encoder": enc.name, "train": len(train_captions), "heldout": len(held)}
+
+    if t2i:
+        results["text"] = timed("text", text)
 
     # 3. tree ------------------------------------------------------------------------------------------------
     def tree(force_it):
@@ -184,18 +219,28 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
         if ckpt is None:
             raise SystemExit(f"no checkpoint in {run_dir}; run the train stage first")
         out_dir = run_dir / "samples" / "default"
-        stamp = Stamp(out_dir / "samples.npz", {"ckpt": _file_id(ckpt), "n": samples,
-                                                "cfg": cfg.train.sample_cfg_scale})
+        stamp = Stamp(out_dir / ("images" if t2i else "samples.npz"),
+                      {"ckpt": _file_id(ckpt), "n": samples, "cfg": cfg.train.sample_cfg_scale})
         if stamp.fresh() and not force_it:
             _log("sample", f"up to date: {out_dir}")
             return stamp.summary()
+        extra = ["png=false"]
+        if t2i:  # one image per held-out caption (its images are the FID reference)
+            from masc_llamagen.data.captions import heldout_captions
+
+            prompts = out_dir.parent / "heldout_prompts.txt"
+            prompts.parent.mkdir(parents=True, exist_ok=True)
+            held = heldout_captions(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
+            prompts.write_text("".join(c + "\n" for c in held))
+            extra = [f"prompts={prompts}"]
         register()
         with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
             scfg = compose("sample", overrides=[f"checkpoint={ckpt}", f"num_samples={samples}",
                                                 f"cfg_scale={cfg.train.sample_cfg_scale}", f"out_dir={out_dir}",
-                                                "batch_size=100", "png=false"])
+                                                "batch_size=100", *extra])
         res = sample(scfg)
-        summary = {"npz": res["npz"], "checkpoint": str(ckpt), "num_samples": samples}
+        summary = {"npz" if not t2i else "images": res.get("npz") or res.get("images"), "checkpoint": str(ckpt),
+                   "num_samples": res["num_samples"]}
         stamp.write(summary)
         return summary
 
@@ -206,7 +251,7 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
         from masc_llamagen.data.images import heldout_split
         from masc_llamagen.eval.metrics import compute_metrics, write_metrics_json
 
-        npz = run_dir / "samples" / "default" / "samples.npz"
+        npz = run_dir / "samples" / "default" / ("images" if t2i else "samples.npz")
         out = npz.with_name("metrics.json")
         stamp = Stamp(out, {"npz": _file_id(npz), "ref": fid_reference})
         if stamp.fresh() and not force_it:
@@ -214,7 +259,7 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
             return json.loads(out.read_text())
         m = compute_metrics(npz, cfg.data.name, reference_split=heldout_split(cfg.data.name),
                             reference_image_size=cfg.data.image_size, reference_limit=fid_reference,
-                            cache_dir=artifacts / "fid")
+                            reference_root=cfg.data.root if t2i else None, cache_dir=artifacts / "fid")
         write_metrics_json(m, out)
         stamp.write({"metrics": str(out)})
         _log("eval", f"FID {m['fid']:.2f} ({m.get('n_generated')} vs {m.get('n_reference')} images)")
@@ -234,6 +279,12 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
         npz = run_dir / "samples" / "default" / "samples.npz"
         if npz.is_file():
             images["Samples, one row per class (EMA weights)"] = class_grid(npz, run_dir / "report" / "samples.png")
+        if t2i and (npz.parent / "captions.txt").is_file():
+            from masc_llamagen.data.captions import CREDITS
+            from masc_llamagen.report import captioned_grid
+
+            images["Samples for held-out captions (EMA weights)"] = captioned_grid(
+                npz.parent, run_dir / "report" / "samples_captioned.png", credit=CREDITS)
         metrics_json = npz.with_name("metrics.json")
         sections = {"Run": {"name": cfg.name, "model": cfg.model.arch, "head": cfg.head.name, "k": cfg.head.k,
                             "steps": cfg.train.steps, "global batch": cfg.train.global_batch_size,
@@ -251,9 +302,15 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
             last = rows[-1]
             sections["Final training metrics"] = {k.split("/")[-1]: v for k, v in last.items() if k != "step"}
         sections["Stage wall times (s)"] = dict(results["timings_s"])
-        notes = [f"Data: {cfg.data.name}. Fashion-MNIST is MIT-licensed (Zalando Research)."]
+        notes = [f"Data: {cfg.data.name}."]
         if "twemoji" in str(cfg.data.name):
-            notes.append("Twemoji graphics (c) Twitter/X, CC-BY-4.0.")
+            from masc_llamagen.data.captions import CREDITS
+
+            notes.append(CREDITS)
+            notes.append("Caption features: " + ("wordllama's static token embeddings (contextless, not a T5)"
+                                                 if cfg.text.encoder == "wordllama" else cfg.text.encoder))
+        else:
+            notes.append("Fashion-MNIST is MIT-licensed (Zalando Research).")
         return str(write_report(run_dir / "report" / "README.md", sections, images, notes))
 
     results["report"] = timed("report", report_stage)

@@ -60,6 +60,36 @@ def class_grid(npz: Path, path: Path, per_class: int = 10, class_names: list[str
     return path
 
 
+def captioned_grid(sample_dir: Path, path: Path, n: int = 24, cols: int = 6, credit: str | None = None) -> Path:
+    """``n`` images spread over ``sample_dir/images`` (as the t2i sampler writes them), each under its caption."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    every = (Path(sample_dir) / "captions.txt").read_text().splitlines()
+    picks = np.unique(np.linspace(0, len(every) - 1, min(n, len(every))).round().astype(int))  # spread over the list
+    captions = [every[i] for i in picks]
+    rows = -(-len(captions) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, ax, cap in zip(picks, axes.flat, captions, strict=False):
+        ax.imshow(np.asarray(Image.open(Path(sample_dir) / "images" / f"{i:06d}.png").convert("RGB")),
+                  interpolation="nearest")
+        ax.set_title("\n".join(textwrap.wrap(cap, 26)[:3]), fontsize=7)
+    if credit:
+        fig.text(0.5, 0.005, credit, ha="center", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
