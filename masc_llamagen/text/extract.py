@@ -1,0 +1,82 @@
+"""Caption features as a job: ``python -m masc_llamagen.text.extract codes=DIR out=DIR [encoder=... path=...]``.
+
+Encodes the captions of a t2i code directory (``captions.jsonl``, in item order) or of a text file (``captions=FILE``,
+one caption a line) into a packed store that training reads (``text.features``). Resumable and skip-if-done;
+under ``torchrun --nproc_per_node N`` each rank encodes its own contiguous share and rank 0 joins them.
+
+    python -m masc_llamagen.text.extract codes=artifacts/codes/twemoji_emoji_vq_tiny/train \
+        out=artifacts/text/twemoji_wordllama/train
+    torchrun --nproc_per_node 8 -m masc_llamagen.text.extract codes=... out=... encoder=flan_t5_xl path=/models/flan-t5-xl
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from masc_llamagen.errors import ConfigError, user_errors
+
+
+@dataclass
+class ExtractConfig:
+    out: str = MISSING  # the store to write
+    codes: str | None = None  # a t2i code directory: its captions
+    captions: str | None = None  # or a text file, one caption a line
+    encoder: str = "wordllama"  # wordllama | flan_t5_xl | t5
+    path: str | None = None  # local model directory (T5)
+    max_length: int = 120  # token slots; the model's cls_token_num
+    batch_size: int = 64
+    device: str = "auto"  # auto | cpu | cuda
+    overwrite: bool = False
+
+
+def _config(argv: list[str]) -> ExtractConfig:
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(ExtractConfig), OmegaConf.from_dotlist(argv))
+        if OmegaConf.is_missing(cfg, "out"):
+            raise ConfigError("out=DIR is required: where to write the packed features")
+        cfg = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{str(e).strip().splitlines()[0]} (keys: {', '.join(ExtractConfig.__dataclass_fields__)})")
+    if (cfg.codes is None) == (cfg.captions is None):
+        raise ConfigError("pass exactly one of codes=DIR (a t2i code directory) or captions=FILE (one a line)")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pathlib import Path
+
+    import torch
+    from accelerate import PartialState
+
+    from masc_llamagen.text import build_text_encoder, extract_text_features, finalize_text_features
+
+    cfg = _config(sys.argv[1:] if argv is None else argv)
+    if cfg.codes is not None:
+        from masc_llamagen.data.codes import CodeDataset
+
+        captions = CodeDataset(cfg.codes).captions
+        if captions is None:
+            raise ConfigError(f"{cfg.codes} holds class-conditional codes (no captions.jsonl); pass t2i codes")
+    else:
+        path = Path(cfg.captions)
+        if not path.is_file():
+            raise ConfigError(f"captions={path} does not exist; pass a text file with one caption a line")
+        captions = path.read_text().splitlines()
+    state = PartialState(cpu=cfg.device == "cpu")
+    device = state.device if cfg.device == "auto" else torch.device(cfg.device)
+    enc = build_text_encoder(cfg.encoder, cfg.path, device=device, max_length=cfg.max_length)
+    store = extract_text_features(enc, captions, cfg.out, batch_size=cfg.batch_size, rank=state.process_index,
+                                  world=state.num_processes, overwrite=cfg.overwrite, progress=state.is_main_process)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        store = store or finalize_text_features(cfg.out)
+        print(f"{len(store)} captions -> {cfg.out} ({enc.name}, {store.dim}-d)")
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main()
