@@ -94,9 +94,9 @@ def test_t2i_refuses_features_of_other_captions(tmp_path, t2i_assets):
 
 def test_t2i_in_training_grid_and_sampler_write_one_image_per_prompt(tmp_path, t2i_assets):
     from hydra import compose, initialize_config_dir
+    from train_utils import CONFIGS
 
     from masc_llamagen.sample import sample
-    from train_utils import CONFIGS
 
     train(_cfg(tmp_path, t2i_assets, [*BASE, "train.steps=4", "train.sample_every=4"], run="g"))
     assert (tmp_path / "g" / "samples" / "step00000004.png").is_file()
@@ -135,3 +135,17 @@ def test_config_refuses_t2i_without_features(tmp_path, t2i_assets):
     with pytest.raises(ConfigError, match="task=t2i needs text.features"):
         validate(cfg)
     assert Path(compose_cfg(tmp_path, t2i_assets, ["task=t2i"]).text.features).name == "train"
+
+
+def test_extraction_cli_writes_the_store_training_reads(tmp_path, t2i_assets, capsys):
+    from masc_llamagen.text import TextFeatureStore
+    from masc_llamagen.text.extract import main
+
+    main([f"codes={t2i_assets['codes']}", f"out={tmp_path / 'feats'}", "device=cpu"])
+    store = TextFeatureStore(tmp_path / "feats")
+    ref = TextFeatureStore(t2i_assets["features"])
+    assert len(store) == 48 and store.fingerprint == ref.fingerprint
+    torch.testing.assert_close(store[7], ref[7])
+    assert "48 captions" in capsys.readouterr().out
+    with pytest.raises(Exception, match="exactly one of codes=DIR"):
+        main([f"out={tmp_path / 'x'}"])

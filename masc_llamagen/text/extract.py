@@ -6,7 +6,8 @@ under ``torchrun --nproc_per_node N`` each rank encodes its own contiguous share
 
     python -m masc_llamagen.text.extract codes=artifacts/codes/twemoji_emoji_vq_tiny/train \
         out=artifacts/text/twemoji_wordllama/train
-    torchrun --nproc_per_node 8 -m masc_llamagen.text.extract codes=... out=... encoder=flan_t5_xl path=/models/flan-t5-xl
+    torchrun --nproc_per_node 8 -m masc_llamagen.text.extract codes=... out=... encoder=flan_t5_xl \
+        path=/models/flan-t5-xl
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def _config(argv: list[str]) -> ExtractConfig:
             raise ConfigError("out=DIR is required: where to write the packed features")
         cfg = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{str(e).strip().splitlines()[0]} (keys: {', '.join(ExtractConfig.__dataclass_fields__)})")
+        keys = ", ".join(ExtractConfig.__dataclass_fields__)
+        raise ConfigError(f"{str(e).strip().splitlines()[0]} (keys: {keys})") from None
     if (cfg.codes is None) == (cfg.captions is None):
         raise ConfigError("pass exactly one of codes=DIR (a t2i code directory) or captions=FILE (one a line)")
     return cfg
