@@ -60,7 +60,7 @@ def _fetch_emoji(root: Path) -> None:
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "fetch_emoji.sh"
-    r = subprocess.run(["bash", str(script), str(root)], capture_output=True, text=True)
+    r = subprocess.run(["bash", str(script), str(root.resolve())], capture_output=True, text=True)
     if r.returncode != 0:
         from masc_llamagen.data.captions import CaptionDataError
 
@@ -335,17 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         ap.error(f"unknown stages {bad}; choose from {STAGES}")
-    from masc_llamagen.checkpoint import CheckpointError
-    from masc_llamagen.masc.heads import HeadError
-    from masc_llamagen.masc.tree import TreeError
-    from masc_llamagen.train.loop import TrainingError
+    from masc_llamagen.errors import user_errors
 
-    try:
+    with user_errors():  # a missing dataset, a wrong file, k out of range ...: one line, exit 1, no traceback
         run(args.overrides, stages, tuple(s for s in args.force.split(",") if s), args.samples, args.fid_reference,
             args.vq, args.rfid_images)
-    except (FileNotFoundError, CheckpointError, HeadError, TreeError, TrainingError) as e:
-        # A missing dataset, a wrong file, k out of range ...: one line that says what to do, no traceback.
-        raise SystemExit(f"error: {e}") from None
     return 0
 
 
