@@ -10,6 +10,19 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 FIXTURES = Path(__file__).parent / "fixtures" / "llamagen"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: extra threads only spin-wait, up to 40x slower when other jobs share the CPUs.
+
+    Opt in per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     return FIXTURES

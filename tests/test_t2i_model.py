@@ -28,13 +28,7 @@ C2I = Path(__file__).parent / "fixtures" / "llamagen"
 NULL = "cls_embedding.uncond_embedding"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: extra threads only spin-wait when other jobs share the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

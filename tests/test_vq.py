@@ -21,13 +21,7 @@ from masc_llamagen.tokenizer.vq import (
 FIXTURES = Path(__file__).parent / "fixtures" / "llamagen"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models here are tiny: extra threads only spin-wait, up to 40x slower when other jobs share the CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
