@@ -311,3 +311,49 @@ def test_tree_cut_given_a_non_tree_is_one_line(tmp_path, capsys, kind):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "allow_pickle" not in err
     assert "python -m masc_llamagen.tree build" in err and not (tmp_path / "m.npy").exists()
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory, assets):
+    root = tmp_path_factory.mktemp("good")
+    out = train(compose_cfg(root, assets, [*BASE, "train.steps=2", "train.ckpt_every=2"], run="g"))
+    return Path(out["checkpoint"])
+
+
+# Every other entry point, through its real CLI: (module, arguments, what the one line must say).
+CLI_CASES = [
+    ("masc_llamagen.sample", ["num_samples=0"], "num_samples=0 must be >= 1"),
+    ("masc_llamagen.sample", ["cfg_scale=-1"], "cfg_scale"),
+    ("masc_llamagen.sample", ["top_p=0"], "top_p"),
+    ("masc_llamagen.sample", ["temperature=0"], "temperature"),
+    ("masc_llamagen.sample", ["decoder=bogus"], "decoder=bogus is unknown"),
+    ("masc_llamagen.sample", ["dtype=fp8"], "dtype=fp8 is unknown"),
+    ("masc_llamagen.eval", ["TEXT_NPZ", "fashion_mnist"], ".npz"),
+    ("masc_llamagen.eval", ["OBJECT_NPZ", "fashion_mnist"], "arr_0"),
+    ("masc_llamagen.eval", ["GOOD_NPZ", "MISSING_DIR"], "refs_fodler"),
+    ("masc_llamagen.tree", ["cut", "TEXT_NPZ", "--k", "4", "--out", "OUT"], "not a MASC tree file"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("module", "args", "says"), CLI_CASES, ids=[f"{m.split('.')[-1]} {' '.join(a)}"
+                                                                      for m, a, _ in CLI_CASES])
+def test_cli_matrix(tmp_path, good_checkpoint, module, args, says):
+    import numpy as np
+
+    (tmp_path / "text.npz").write_text("hello\n")
+    np.savez(tmp_path / "obj.npz", arr_0=np.array([object(), 1], dtype=object))
+    np.savez(tmp_path / "good.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    subst = {"TEXT_NPZ": str(tmp_path / "text.npz"), "OBJECT_NPZ": str(tmp_path / "obj.npz"),
+             "GOOD_NPZ": str(tmp_path / "good.npz"),
+             "MISSING_DIR": str(tmp_path / "refs_fodler"), "OUT": str(tmp_path / "m.npy")}
+    argv = [subst.get(a, a) for a in args]
+    if module == "masc_llamagen.sample":
+        argv = [f"checkpoint={good_checkpoint}", f"out_dir={tmp_path / 's'}", *argv]
+    before = _snapshot(good_checkpoint.parent)
+    r = subprocess.run([sys.executable, "-m", module, *argv], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines and lines[-1].startswith("error") and says in lines[-1], r.stderr[-2000:]
+    assert _snapshot(good_checkpoint.parent) == before and not (tmp_path / "m.npy").exists()
