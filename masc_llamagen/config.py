@@ -101,6 +101,11 @@ class TrainSchema:
     eval_samples: int = 1000
     eval_reference: int = 1000  # held-out real images (features cached once per dataset and size)
     eval_feature_layer: str = "2048"  # Inception layer; only 2048 gives FIDs comparable with published ones
+    # t2i: prompts for in-training FID (coco, parti or a file; the first eval_samples of them), scored by the COCO
+    # protocol against the images of eval_reference_dir (val2014/); null: the held-out captions vs their images
+    eval_prompts: str | None = None
+    eval_reference_dir: str | None = None
+    eval_clip_weights: str | None = None  # CLIP ViT-B/32 weights: adds eval/clip_score
     baseline_curve: str | None = None  # a baseline run's metrics.jsonl: logs acceleration so far
     peak_tflops: float | None = None  # dense bf16 peak per device for MFU; default: looked up by GPU name
     stop_after: int | None = None  # leave after this many steps in this invocation (cluster time slices)
@@ -238,6 +243,8 @@ def validate(cfg) -> None:
         problems.append(f"head={get('head.name')} needs head.k (the number of clusters)")
     if get("model.model_type") == "t2i" and not get("text.features"):
         problems.append("task=t2i needs text.features: the packed caption features of the training set")
+    if get("train.eval_prompts") and (get("model.model_type") != "t2i" or not get("train.eval_reference_dir")):
+        problems.append("train.eval_prompts is for task=t2i and needs train.eval_reference_dir (e.g. COCO val2014/)")
     if get("model.model_type") == "c2i" and get("model.cls_token_num") not in (None, 1):
         problems.append(f"model.cls_token_num={get('model.cls_token_num')}: a class-conditional model has 1 slot")
     if problems:

@@ -149,3 +149,34 @@ def test_extraction_cli_writes_the_store_training_reads(tmp_path, t2i_assets, ca
     assert "48 captions" in capsys.readouterr().out
     with pytest.raises(Exception, match="exactly one of codes=DIR"):
         main([f"out={tmp_path / 'x'}"])
+
+
+@pytest.mark.slow
+def test_in_training_fid_on_prompts_by_the_coco_protocol(tmp_path, t2i_assets, monkeypatch):
+    """train.eval_prompts: prompts -> one image each -> clean-fid FID against a reference folder, logged with step."""
+    from PIL import Image
+
+    from masc_llamagen.eval.inception import random_inception_weights
+
+    monkeypatch.setenv("MASC_INCEPTION_WEIGHTS", str(random_inception_weights(tmp_path / "inc.pth")))
+    ref = tmp_path / "val2014"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 48, 3), dtype=np.uint8)).save(ref / f"COCO_{i}.jpg")
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), mode="L").save(ref / "COCO_grey.jpg")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(c + "\n" for c in CAPTIONS))
+    train(_cfg(tmp_path, t2i_assets, [*BASE, "train.steps=4", "train.eval_every=2", "train.eval_samples=4",
+                                      f"train.eval_prompts={prompts}", f"train.eval_reference_dir={ref}"], run="p"))
+    rows = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/fid" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(np.isfinite(r["eval/fid"]) for r in evals)
+    assert "eval/clip_score" not in evals[0]  # no CLIP weights: absent, never faked
+    written = tmp_path / "p" / "eval" / "step00000004"
+    assert len(list((written / "images").iterdir())) == 4
+    assert (written / "captions.txt").read_text().splitlines() == CAPTIONS[:4]
+    from masc_llamagen.eval.coco import evaluate_coco30k
+
+    # the logged number is the protocol's on the images written for that step
+    assert evaluate_coco30k(written, ref, cache_dir=tmp_path / "c")["fid"] == pytest.approx(evals[-1]["eval/fid"])

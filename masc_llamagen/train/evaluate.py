@@ -26,6 +26,7 @@ class TrainingSampler:
         self.cfg, self.vocab, self.run_dir = cfg, vocab, run_dir
         self._vq = None
         self._heldout = None  # t2i: the held-out captions' features, opened on first use
+        self._encoder = None  # t2i with train.eval_prompts: the run's text encoder, built on first use
         self.fid_curve: list[tuple[float, float]] = []
         if resumed_at and (run_dir / "metrics.jsonl").is_file():
             try:
@@ -53,7 +54,7 @@ class TrainingSampler:
 
             if self._heldout is None:
                 self._heldout = TextFeatureStore(self.cfg.text.heldout_features)
-            feats, mask = self._heldout.batch(np.arange(n) % len(self._heldout))
+            feats, mask = self._heldout.batch(np.arange(n) % len(self._heldout), slots=config.cls_token_num)
             return torch.as_tensor(feats, dtype=torch.float32), torch.as_tensor(mask, dtype=torch.bool)
         if balanced:
             return torch.arange(n) * config.num_classes // n, None
@@ -82,12 +83,41 @@ class TrainingSampler:
         t = torch.from_numpy(arr).permute(0, 3, 1, 2).float().sub(128.0).div(127.5)
         return save_grid(t, self.run_dir / "samples" / f"step{step:08d}.png", nrow=8)
 
+    def prompt_fid(self, model: GPT, step: int) -> dict:
+        """t2i with ``train.eval_prompts``: the first ``eval_samples`` prompts, one image each, written as the
+        sampler writes them and scored by the COCO protocol (clean-fid FID, CLIP score with weights)."""
+        from PIL import Image
+
+        from masc_llamagen.eval.coco import evaluate_coco30k, load_prompts
+        from masc_llamagen.text import build_text_encoder
+
+        t, device = self.cfg.train, model.output.weight.device
+        prompts = load_prompts(t.eval_prompts)[: t.eval_samples]
+        if self._encoder is None:
+            self._encoder = build_text_encoder(self.cfg.text.encoder, self.cfg.text.path, device=device,
+                                               max_length=model.config.cls_token_num)
+        feats, mask = self._encoder(prompts, slots=model.config.cls_token_num)
+        arr = self.images(model, feats, seed=10_000 + step, caption_mask=mask)
+        out_dir = self.run_dir / "eval" / f"step{step:08d}"
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(arr):
+            Image.fromarray(img).save(out_dir / "images" / f"{i:06d}.png")
+        (out_dir / "captions.txt").write_text("".join(p.replace("\n", " ") + "\n" for p in prompts))
+        m = evaluate_coco30k(out_dir, t.eval_reference_dir, clip_weights=t.eval_clip_weights,
+                             cache_dir=Path(self.cfg.paths.artifacts) / "fid")
+        out = {"eval/fid": m["fid"]}
+        if m.get("clip_score") is not None:
+            out["eval/clip_score"] = m["clip_score"]
+        return out
+
     def fid(self, raw: GPT, ema: EMA | None, step: int, wall_s: float) -> dict:
         from masc_llamagen.data.images import heldout_split
         from masc_llamagen.eval.metrics import compute_metrics
 
         t = self.cfg.train
         model = self._model(raw, ema)
+        if t.eval_prompts:
+            return self._with_acceleration(step, {**self.prompt_fid(model, step), "eval/wall_clock_s": wall_s})
         labels, mask = self.conditions(raw.config, t.eval_samples)
         arr = self.images(model, labels, seed=10_000 + step, caption_mask=mask)
         m = compute_metrics(arr, self.cfg.data.name, reference_split=heldout_split(self.cfg.data.name),
@@ -96,7 +126,11 @@ class TrainingSampler:
                             feature_layer=str(t.eval_feature_layer))
         out = {"eval/fid": m["fid"], "eval/kid_mean": m["kid_mean"], "eval/kid_std": m["kid_std"],
                "eval/precision": m["precision"], "eval/recall": m["recall"], "eval/wall_clock_s": wall_s}
-        self.fid_curve.append((float(step), float(m["fid"])))
+        return self._with_acceleration(step, out)
+
+    def _with_acceleration(self, step: int, out: dict) -> dict:
+        """Append the FID to the run's curve and add the acceleration against the baseline run, if one is set."""
+        self.fid_curve.append((float(step), float(out["eval/fid"])))
         if self._baseline is not None:
             from masc_llamagen.eval.acceleration import acceleration
 
