@@ -66,6 +66,10 @@ class TextSchema:
     path: str | None = None  # local model directory (flan_t5_xl); wordllama ships in its package
     features: str | None = None  # packed features of the training captions
     heldout_features: str | None = None  # packed features of the held-out captions (in-training FID, grids)
+    # Reuse features LlamaGen already extracted: text.features={t5_root} holding {jsonl stem}/{line}.npy, read in the
+    # order of this jsonl (the codes must come from the same jsonl: data.name=llamagen_jsonl)
+    llamagen_jsonl: str | None = None
+    llamagen_dim: int = 2048  # their width (flan-t5-xl)
 
 
 @dataclass

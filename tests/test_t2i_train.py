@@ -180,3 +180,30 @@ def test_in_training_fid_on_prompts_by_the_coco_protocol(tmp_path, t2i_assets, m
 
     # the logged number is the protocol's on the images written for that step
     assert evaluate_coco30k(written, ref, cache_dir=tmp_path / "c")["fid"] == pytest.approx(evals[-1]["eval/fid"])
+
+
+def test_trains_on_features_llamagen_already_extracted(tmp_path, t2i_assets):
+    """{t5_root}/{jsonl stem}/{line}.npy as LlamaGen writes them; a missing file is an invalid sample, not a crash."""
+    from masc_llamagen.data.codes import CodeDataset
+    from masc_llamagen.text import TextFeatureStore
+
+    codes = CodeDataset(t2i_assets["codes"])
+    ours = TextFeatureStore(t2i_assets["features"])
+    jsonl = tmp_path / "part_0.jsonl"
+    jsonl.write_text("".join(json.dumps({"image_path": f"{i}.png", "text": [c]}) + "\n"
+                             for i, c in enumerate(codes.captions)))
+    (tmp_path / "t5" / "part_0").mkdir(parents=True)
+    for i in range(len(codes.captions)):
+        if i != 3:  # line 3's features were never extracted
+            np.save(tmp_path / "t5" / "part_0" / f"{i}.npy", ours.numpy(i)[None].astype(np.float32))
+    cfg = _cfg(tmp_path, t2i_assets, [*BASE, "train.steps=8"], run="l")
+    with open_dict(cfg):
+        cfg.text.features, cfg.text.llamagen_jsonl, cfg.text.llamagen_dim = str(tmp_path / "t5"), str(jsonl), 256
+    out = train(cfg)
+    assert out["step"] == 8 and np.isfinite(out["losses"]).all()
+    rows = [json.loads(x) for x in (tmp_path / "l" / "metrics.jsonl").read_text().splitlines()]
+    from masc_llamagen.train.batches import StepBatches
+
+    drawn = np.concatenate([StepBatches(48, 8, 0, 1, 0, 0, 8).global_indices(s) for s in range(8)])
+    # every draw of item 3 (no features) or item 5 (unreadable image) is counted, nothing else
+    assert rows[-1]["train/invalid_samples"] == int(np.isin(drawn, [3, 5]).sum()) > 0

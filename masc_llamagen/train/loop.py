@@ -98,14 +98,18 @@ def build_model(cfg: DictConfig, vocab: Vocabulary, grid: int, num_classes: int,
 
 
 def load_text_features(cfg: DictConfig, codes):
-    """The training captions' packed features, checked against the codes they belong to."""
-    from masc_llamagen.text import TextFeatureStore
+    """The training captions' features (a packed store, or LlamaGen's per-line files), checked against the codes."""
+    from masc_llamagen.text import LlamaGenT5Features, TextFeatureStore
 
     path = Path(cfg.text.features)
-    if not (path / "meta.json").is_file():
+    slots = cfg.model.cls_token_num or 120
+    if cfg.text.llamagen_jsonl:  # a missing or unreadable .npy is an invalid sample, never a crash
+        store = LlamaGenT5Features(path, cfg.text.llamagen_jsonl, dim=cfg.text.llamagen_dim, max_length=slots)
+    elif not (path / "meta.json").is_file():
         raise TrainingError(f"no caption features in {path}; extract them first: python -m masc_llamagen.text.extract "
                             f"codes={cfg.data.codes} encoder={cfg.text.encoder} out={path}")
-    store = TextFeatureStore(path)
+    else:
+        store = TextFeatureStore(path)
     captions = getattr(codes, "captions", None)
     if captions is None:
         raise TrainingError(f"codes in {cfg.data.codes} carry no captions; task=t2i needs codes of a captioned "
@@ -113,6 +117,10 @@ def load_text_features(cfg: DictConfig, codes):
     if len(store) != len(captions):
         raise TrainingError(f"{path} holds features of {len(store)} captions but the codes have {len(captions)}; "
                             "re-extract the features from these codes")
+    longest = int(np.max(store.lengths())) if hasattr(store, "lengths") else 0
+    if longest > slots:
+        raise TrainingError(f"{path} holds captions of up to {longest} tokens but model.cls_token_num={slots}; "
+                            f"re-extract with max_length={slots} or give the model {longest} slots")
     return store
 
 
@@ -315,7 +323,7 @@ def _train(cfg: DictConfig, acc: Accelerator, run_dir: Path) -> dict:
 
     if t2i:
         data = EpochIndexedCaptions(codes, t.seed, cfg.model.class_dropout_prob)
-        collate_fn = CaptionCollate(text, getattr(codes, "valid", None))
+        collate_fn = CaptionCollate(text, raw.config.cls_token_num, getattr(codes, "valid", None))
     else:
         data, collate_fn = EpochIndexed(codes, t.seed, cfg.model.class_dropout_prob, codes.num_classes), collate
     batches = StepBatches(len(codes), t.global_batch_size, acc.process_index, acc.num_processes, t.seed,
