@@ -58,13 +58,26 @@ def main() -> None:
     from train_utils import make_assets  # the tests' tiny tokenizer + codes (present in every revision measured)
 
     assets = make_assets(work / "assets")
-    base = [py, str(repo / "train.py"), f"tokenizer.checkpoint={assets['tokenizer']}",
-            f"data.codes={assets['codes']}", "model=gpt_nano", "train=cpu", "logger=none", "head=random", "head.k=16",
-            "train.global_batch_size=8", "train.ckpt_every=2", "train.steps=2", f"paths.artifacts={work / 'a'}"]
+    defaults = {"tokenizer.checkpoint": str(assets["tokenizer"]), "data.codes": str(assets["codes"]),
+                "model": "gpt_nano", "train": "cpu", "logger": "none", "head": "random", "head.k": "16",
+                "train.global_batch_size": "8", "train.ckpt_every": "2", "train.steps": "2",
+                "paths.artifacts": str(work / "a")}
+
+    def cmd(*extra: str) -> list[str]:
+        """train.py with the defaults, each overridden by a same-key extra (Hydra refuses a key given twice)."""
+        given = dict(e.split("=", 1) for e in extra)
+        merged = {**defaults, **given}
+        if merged.get("head") == "masc":
+            merged.pop("head.k", None) if "head.k" not in given else None
+        return [py, str(repo / "train.py"), *(f"{k}={v}" for k, v in merged.items())]
+
     results: dict[str, str] = {}
 
-    def train_case(name, extra, run="r-" + "x"):
-        rc, err = _run([*base, *extra, f"hydra.run.dir={work / name}"], work, repo)
+    def slug(name: str) -> str:  # '=' or '+' in hydra.run.dir would be parsed as override syntax
+        return "".join(c if c.isalnum() else "_" for c in name)
+
+    def train_case(name, extra):
+        rc, err = _run([*cmd(*extra), f"hydra.run.dir={work / slug(name)}"], work, repo)
         results[name] = _classify(rc, err)
 
     for name, extra in {
@@ -78,7 +91,7 @@ def main() -> None:
 
     text = work / "text.pt"
     text.write_text("not a checkpoint\n")
-    rc, err = _run([*base, f"tokenizer.checkpoint={text}", f"hydra.run.dir={work / 'tok'}"], work, repo)
+    rc, err = _run([*cmd(f"tokenizer.checkpoint={text}"), f"hydra.run.dir={work / 'tok'}"], work, repo)
     results["text file as tokenizer"] = _classify(rc, err)
 
     # codes without a tokenizer fingerprint
@@ -87,15 +100,15 @@ def main() -> None:
     meta = json.loads((codes / "meta.json").read_text())
     meta.pop("tokenizer", None)
     (codes / "meta.json").write_text(json.dumps(meta))
-    rc, err = _run([*base, f"data.codes={codes}", f"hydra.run.dir={work / 'nofp'}"], work, repo)
+    rc, err = _run([*cmd(f"data.codes={codes}"), f"hydra.run.dir={work / 'nofp'}"], work, repo)
     results["codes without fingerprint"] = _classify(rc, err)
 
     # resume cases: a finished 4-step run, then a changed command in the same directory
     def resumed(name, extra, check_lost=False):
-        d = work / name
-        _run([*base, "train.steps=4", f"hydra.run.dir={d}"], work, repo)
+        d = work / slug(name)
+        _run([*cmd("train.steps=4"), f"hydra.run.dir={d}"], work, repo)
         before = sorted(p.name for p in (d / "checkpoints").glob("ckpt-*.pt"))
-        rc, err = _run([*base, "train.steps=6", *extra, f"hydra.run.dir={d}"], work, repo)
+        rc, err = _run([*cmd("train.steps=6", *extra), f"hydra.run.dir={d}"], work, repo)
         after = sorted(p.name for p in (d / "checkpoints").glob("ckpt-*.pt"))
         cls = _classify(rc, err)
         if check_lost and (not set(before) <= set(after) or (rc == 0 and after != before)):
@@ -107,16 +120,16 @@ def main() -> None:
     resumed("resume with another model size", ["model=gpt_micro"])
     resumed("resume with another batch size", ["train.global_batch_size=16"])
     d = work / "corrupt"
-    _run([*base, "train.steps=4", f"hydra.run.dir={d}"], work, repo)
+    _run([*cmd("train.steps=4"), f"hydra.run.dir={d}"], work, repo)
     newest = sorted((d / "checkpoints").glob("ckpt-*.pt"))[-1]
     newest.write_bytes(newest.read_bytes()[:500])
-    rc, err = _run([*base, "train.steps=6", f"hydra.run.dir={d}"], work, repo)
+    rc, err = _run([*cmd("train.steps=6"), f"hydra.run.dir={d}"], work, repo)
     results["corrupt newest checkpoint"] = _classify(rc, err)
 
     # sampling options on a good checkpoint
-    good = sorted((work / "resume with another batch size" / "checkpoints").glob("ckpt-*.pt"))[-1]
-    for name, opt in {"num_samples=0": "num_samples=0", "cfg_scale=-1": "cfg_scale=-1", "top_p=0": "top_p=0",
-                      "temperature=0": "temperature=0", "decoder=bogus": "decoder=bogus", "dtype=fp8": "dtype=fp8"}.items():
+    good = sorted((work / slug("resume with another batch size") / "checkpoints").glob("ckpt-*.pt"))[-1]
+    options = ("num_samples=0", "cfg_scale=-1", "top_p=0", "temperature=0", "decoder=bogus", "dtype=fp8")
+    for name, opt in ((o, o) for o in options):
         rc, err = _run([py, "-m", "masc_llamagen.sample", f"checkpoint={good}", opt, f"out_dir={work / 's'}",
                         "num_samples=2" if name != "num_samples=0" else "batch_size=2"], work, repo)
         results[f"sample {name}"] = _classify(rc, err)
@@ -134,9 +147,10 @@ def main() -> None:
 
     (work / "text.npz").write_text("hello\n")
     np.savez(work / "obj.npz", arr_0=np.array([object(), 1], dtype=object))
-    for name, argv in {"eval on a text .npz": [str(work / "text.npz"), "fashion_mnist"],
-                       "eval on an object-array npz": [str(work / "obj.npz"), "fashion_mnist"],
-                       "eval with a mistyped reference folder": [str(work / "obj.npz"), str(work / "refs_fodler")]}.items():
+    evals = {"eval on a text .npz": [str(work / "text.npz"), "fashion_mnist"],
+             "eval on an object-array npz": [str(work / "obj.npz"), "fashion_mnist"],
+             "eval with a mistyped reference folder": [str(work / "obj.npz"), str(work / "refs_fodler")]}
+    for name, argv in evals.items():
         rc, err = _run([py, "-m", "masc_llamagen.eval", *argv, "--device", "cpu"], work, repo)
         results[name] = _classify(rc, err)
 

@@ -356,7 +356,8 @@ def _sample_t2i(opts, acc, ck: dict, ck_path: Path, model, vocab, vq, sc) -> dic
         prompts = prompts[: opts.num_samples]
     text_cfg = (ck.get("config") or {}).get("text", {})
     encoder = build_text_encoder(opts.text_encoder or text_cfg.get("encoder", "wordllama"),
-                                 opts.text_path or text_cfg.get("path"), device=acc.device)
+                                 opts.text_path or text_cfg.get("path"), device=acc.device,
+                                 max_length=model.config.cls_token_num)  # longer prompts are truncated
     if encoder.dim != model.config.caption_dim:
         raise SampleConfigError(f"text encoder {encoder.name} gives {encoder.dim}-d features but the model takes "
                                 f"{model.config.caption_dim}-d: pass text_encoder=<the one it was trained with>")

@@ -92,13 +92,13 @@ class CaptionCollate:
     get the null caption, and which are valid (an unreadable image or a missing feature row costs no gradient).
     Masks are (B, slots); the (B, S, S) attention mask is built on the device by the model."""
 
-    def __init__(self, store, item_valid: np.ndarray | None = None):
-        self.store, self.item_valid = store, item_valid
+    def __init__(self, store, slots: int, item_valid: np.ndarray | None = None):
+        self.store, self.slots, self.item_valid = store, slots, item_valid
 
     def __call__(self, items):
         tokens = torch.stack([torch.as_tensor(t, dtype=torch.long) for t, _, _ in items])
         idx = np.array([item for _, item, _ in items], dtype=np.int64)
-        feats, mask = self.store.batch(idx)
+        feats, mask = self.store.batch(idx, slots=self.slots)
         valid = np.array([self.store.valid(int(i)) for i in idx], dtype=bool)
         if self.item_valid is not None:
             valid &= self.item_valid[idx]
