@@ -509,9 +509,6 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def fsdp_wrap_modules(self) -> tuple[type[nn.Module], ...]:
-        return (TransformerBlock,)
-
 
 def build_gpt(cfg: GPTConfig | str, **overrides) -> GPT:
     return GPT(gpt_config(cfg, **overrides) if isinstance(cfg, str) else cfg)

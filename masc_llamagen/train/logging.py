@@ -64,10 +64,6 @@ class MetricLogger:
 
             self.run.add_image(key, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
 
-    def warn(self, msg: str) -> None:
-        if self.main:
-            print(f"warning: {msg}", flush=True)
-
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
