@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from masc_llamagen.config import register
+from masc_llamagen.io import atomic_write_json
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = ("tokenizer", "codes", "text", "tree", "train", "sample", "eval", "report")  # text: t2i runs only
@@ -86,9 +87,7 @@ def merge_record(path: Path, results: dict) -> dict:
             old = {}
     merged = {**old, **{k: v for k, v in results.items() if v is not None}}
     merged["timings_s"] = {**old.get("timings_s", {}), **results.get("timings_s", {})}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(merged, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write_json(path, merged)
     return merged
 
 

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from masc_llamagen.eval.inception import (
     weights_have_logits,
     weights_source,
 )
+from masc_llamagen.io import atomic_savez, atomic_write_json
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")  # what torch-fidelity globs in a folder (non-recursive)
 METRIC_KEYS = ("fid", "kid_mean", "kid_std", "precision", "recall")
@@ -387,27 +387,6 @@ def _stored_fingerprint(path: Path) -> tuple[bool, str | None]:
         return False, None
 
 
-def _atomic_savez(dst: Path, **arrays) -> None:
-    """np.savez via a temp file in the same folder, fsync'd, then renamed: readers never see half a file."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    try:  # make the rename itself durable
-        dfd = os.open(dst.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def dataset_reference_npz(
@@ -448,7 +427,7 @@ def dataset_reference_npz(
         # Inverse of the dataset's u/127.5 - 1 normalisation: rounding recovers the stored uint8 exactly.
         images.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy())
     arr = as_uint8_nhwc(np.stack(images))
-    _atomic_savez(dst, arr_0=arr, source_fingerprint=np.array(fingerprint or ""))
+    atomic_savez(dst, arr_0=arr, source_fingerprint=np.array(fingerprint or ""))
     return dst
 
 
@@ -533,7 +512,7 @@ def read_cached_features(path: Path, key: str, count: int | None = None, dim: in
 
 
 def write_cached_features(path: Path, key: str, features: np.ndarray, meta: Mapping[str, Any]) -> Path:
-    _atomic_savez(Path(path), key=np.array(key), features=np.ascontiguousarray(features),
+    atomic_savez(Path(path), key=np.array(key), features=np.ascontiguousarray(features),
                   meta=np.array(json.dumps(dict(meta), sort_keys=True)))
     return Path(path)
 
@@ -814,20 +793,7 @@ def default_output_path(generated: str | os.PathLike) -> Path:
 
 
 def write_metrics_json(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(result), f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write_json(path, dict(result))
 
 
 def format_metrics(result: Mapping[str, Any]) -> str:

@@ -33,6 +33,7 @@ import torch
 
 from masc_llamagen.data.codes import atomic_directory
 from masc_llamagen.errors import MascError
+from masc_llamagen.io import atomic_write_json
 from masc_llamagen.text.encoders import TextEncoder, align_features
 
 __all__ = [
@@ -73,9 +74,7 @@ def _fingerprint_of(encoder_or_fingerprint) -> str:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, sort_keys=True)
 
 
 def _read_json(path: Path, what: str) -> dict:

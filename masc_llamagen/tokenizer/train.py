@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Subset
 
 from masc_llamagen.checkpoint import save_weights
 from masc_llamagen.errors import MascError
+from masc_llamagen.io import atomic_write_json
 from masc_llamagen.tokenizer.metrics import codebook_stats, images_to_uint8, psnr, ssim
 from masc_llamagen.tokenizer.vq import VectorQuantizer, VQConfig, VQModel, get_vq_config
 
@@ -581,9 +582,7 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "adversarial": use_gan,
     }
     report_path = _report_path(out)
-    tmp = report_path.with_name(report_path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, report_path)
+    atomic_write_json(report_path, report)
     return {**report, "skipped": False}
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from masc_llamagen.io import atomic_write_text
+
 
 class MetricLogger:
     """One object for every backend; only rank 0 writes. Metrics also go to ``metrics.jsonl`` in the run dir."""
@@ -84,9 +86,7 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:  # a line cut by a kill
             continue
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{x}\n" for x in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{x}\n" for x in kept))
 
 
 def _wandb_id(run_dir: Path) -> str:
