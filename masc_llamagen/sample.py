@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from masc_llamagen.checkpoint import CheckpointError, load_gpt, load_vq
 from masc_llamagen.errors import user_errors
+from masc_llamagen.io import fsync_dir
 from masc_llamagen.masc.heads import HeadError, Vocabulary, build_vocabulary
 from masc_llamagen.models.sampling import SamplingConfig, SamplingError, check_null_class, generate
 from masc_llamagen.sample_config import SampleConfig, SampleConfigError, register, validate
@@ -112,19 +113,6 @@ def share(n: int, rank: int, world: int) -> range:
     return range(n * rank // world, n * (rank + 1) // world)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class _Rows:
     """One ``.npy`` member of known shape, written a block of rows at a time; refuses too few or too many rows."""
 
@@ -185,7 +173,7 @@ class _NpzWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
 
 @contextmanager
