@@ -321,19 +321,13 @@ def sample(cfg: DictConfig | SampleConfig) -> dict:
     return result
 
 
-def load_prompts(spec: str) -> list[str]:
-    """Prompts from a text file (one a line) or a shipped list: ``coco`` (the COCO-30k captions), ``parti``."""
-    from masc_llamagen.eval.coco import load_prompts as shipped
-
-    return shipped(spec)
-
-
 def _sample_t2i(opts, acc, ck: dict, ck_path: Path, model, vocab, vq, sc) -> dict:
     """One image per prompt, as LlamaGen writes them: ``images/%06d.png``, ``captions.txt``, ``result.jsonl``.
 
     Each rank encodes and samples its own contiguous share and writes its PNGs; nothing is gathered. Sample i is
     seeded by ``(seed, i)``, so the images do not depend on the number of processes or the batch size.
     """
+    from masc_llamagen.eval.coco import load_prompts  # a file (one prompt a line), coco or parti
     from masc_llamagen.text import build_text_encoder
 
     if not opts.prompts:

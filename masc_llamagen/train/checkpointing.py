@@ -141,8 +141,7 @@ def _c2i_default(key: str, now: dict) -> bool:
     """Options added with text-to-image, at the values a class-conditional run had implicitly."""
     if key.startswith("text."):
         return now.get("model.model_type", "c2i") == "c2i"
-    return (key, now.get(key)) in {("model.model_type", "c2i"), ("model.cls_token_num", None)} or key in (
-        "train.peak_tflops",)
+    return (key, now.get(key)) in {("model.model_type", "c2i"), ("model.cls_token_num", None)}
 
 
 def resume_differences(saved: dict, now: dict, saved_world: int, world: int) -> tuple[list[str], list[str]]:

@@ -46,19 +46,20 @@ class TrainingSampler:
         model.load_state_dict(ema.model_state(raw) if ema is not None else raw.state_dict())
         return model.eval()
 
-    def conditions(self, config, n: int, balanced: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """n conditions: class ids (balanced, or 8 per class for grids), or the first n held-out captions' features
-        (cycled) with their masks for a t2i model."""
+    def conditions(self, config, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """n class-balanced ids, or for a t2i model the first n held-out captions' features (cycled) with their
+        masks; ``n=None``: the sample grid's rows of 8 (8 per class for up to 10 classes, or 80 captions)."""
         if config.model_type == "t2i":
+            n = 80 if n is None else n
             from masc_llamagen.text import TextFeatureStore
 
             if self._heldout is None:
                 self._heldout = TextFeatureStore(self.cfg.text.heldout_features)
             feats, mask = self._heldout.batch(np.arange(n) % len(self._heldout), slots=config.cls_token_num)
             return torch.as_tensor(feats, dtype=torch.float32), torch.as_tensor(mask, dtype=torch.bool)
-        if balanced:
-            return torch.arange(n) * config.num_classes // n, None
-        return torch.arange(min(config.num_classes, 10)).repeat_interleave(8)[:n], None
+        if n is None:
+            return torch.arange(min(config.num_classes, 10)).repeat_interleave(8), None
+        return torch.arange(n) * config.num_classes // n, None
 
     @torch.no_grad()
     def images(self, model: GPT, labels: torch.Tensor, seed: int, batch: int = 100,
@@ -77,8 +78,7 @@ class TrainingSampler:
 
     def grid(self, raw: GPT, ema: EMA | None, step: int) -> Path:
         model = self._model(raw, ema)
-        labels, mask = self.conditions(raw.config, 80 if raw.config.model_type == "t2i" else 8 * min(
-            raw.config.num_classes, 10), balanced=False)
+        labels, mask = self.conditions(raw.config)
         arr = self.images(model, labels, seed=step, caption_mask=mask)
         t = torch.from_numpy(arr).permute(0, 3, 1, 2).float().sub(128.0).div(127.5)
         return save_grid(t, self.run_dir / "samples" / f"step{step:08d}.png", nrow=8)

@@ -473,14 +473,14 @@ def _train(cfg: DictConfig, acc: Accelerator, run_dir: Path) -> dict:
             elif log_now or save_now:
                 flag = torch.tensor(float(stop.requested), device=acc.device)
                 want_stop = want_stop or bool(acc.reduce(flag, reduction="sum") > 0)
-            hooks = (t.sample_every and step % t.sample_every == 0) or (t.eval_every and step % t.eval_every == 0) \
-                or save_now or want_stop
-            if not hooks:
+            grid_now = bool(t.sample_every) and step % t.sample_every == 0
+            eval_now = bool(t.eval_every) and step % t.eval_every == 0
+            if not (grid_now or eval_now or save_now or want_stop):
                 continue
             with meter.paused(acc.device):  # evaluation and checkpoints do not count as training time
-                if t.sample_every and step % t.sample_every == 0 and acc.is_main_process:
+                if grid_now and acc.is_main_process:
                     logger.image("samples/grid", sampler.grid(raw, ema, step), step)
-                if t.eval_every and step % t.eval_every == 0:
+                if eval_now:
                     if acc.is_main_process:
                         logger.log(sampler.fid(raw, ema, step, elapsed + time.perf_counter() - t_start), step)
                     acc.wait_for_everyone()
