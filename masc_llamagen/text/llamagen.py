@@ -27,7 +27,7 @@ import torch
 
 from masc_llamagen.text.clean import first_sentence as _first_sentence
 from masc_llamagen.text.encoders import DEFAULT_MAX_LENGTH, FLAN_T5_XL_DIM, TextEncoder, align_features
-from masc_llamagen.text.store import TextStoreError
+from masc_llamagen.text.store import TextStoreError, checked_row
 
 __all__ = ["CAPTION_KEYS", "LlamaGenT5Features", "jsonl_stem", "llamagen_captions", "read_llamagen_jsonl"]
 
@@ -122,11 +122,7 @@ class LlamaGenT5Features:
         return len(self._items)
 
     def _row(self, i: int) -> int:
-        n = len(self)
-        i = int(i)
-        if not -n <= i < n:
-            raise IndexError(f"item {i} out of range for {n} lines")
-        return i % n
+        return checked_row(i, len(self), "lines in the jsonl files")
 
     def file(self, i: int) -> Path:
         stem, line = self._items[self._row(i)]

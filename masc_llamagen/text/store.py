@@ -68,6 +68,14 @@ def captions_sha256(captions: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def checked_row(i, n: int, what: str) -> int:
+    """Python indexing (negatives from the end) with a clear IndexError; shared by both feature readers."""
+    i = int(i)
+    if not -n <= i < n:
+        raise IndexError(f"item {i} out of range: there are {n} {what}")
+    return i % n
+
+
 def _fingerprint_of(encoder_or_fingerprint) -> str:
     return encoder_or_fingerprint.fingerprint if isinstance(encoder_or_fingerprint, TextEncoder) else str(
         encoder_or_fingerprint)
@@ -164,11 +172,7 @@ class TextFeatureStore:
         return int(self.meta["count"])
 
     def _row(self, i: int) -> int:
-        n = len(self)
-        i = int(i)
-        if not -n <= i < n:
-            raise IndexError(f"caption {i} out of range for a store of {n}")
-        return i % n
+        return checked_row(i, len(self), "captions in the store")
 
     def numpy(self, i: int) -> np.ndarray:
         off, length = self.index[self._row(i)]
