@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from masc_llamagen.config import register
-from masc_llamagen.io import atomic_write_json
+from masc_llamagen.utils.io import atomic_write_json
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = ("tokenizer", "codes", "text", "tree", "train", "sample", "eval", "report")  # text: t2i runs only

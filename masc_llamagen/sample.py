@@ -29,12 +29,12 @@ from omegaconf import DictConfig
 
 from masc_llamagen.checkpoint import CheckpointError, load_gpt, load_vq
 from masc_llamagen.errors import user_errors
-from masc_llamagen.io import fsync_dir
+from masc_llamagen.utils.io import fsync_dir
 from masc_llamagen.masc.heads import HeadError, Vocabulary, build_vocabulary
 from masc_llamagen.models.sampling import SamplingConfig, SamplingError, check_null_class, generate
 from masc_llamagen.sample_config import SampleConfig, SampleConfigError, register, validate
 from masc_llamagen.train.checkpointing import load_training_checkpoint
-from masc_llamagen.train.images import to_uint8
+from masc_llamagen.utils.images import to_uint8_numpy
 
 register()  # sample.yaml lists the typed schema (base_sample) first in its defaults
 
@@ -105,7 +105,7 @@ def sample_images(model, vocab: Vocabulary, vq, labels: torch.Tensor, sampling: 
     images = vq.decode_code(tokens.reshape(-1, side, side))
     if image_size is not None and image_size != images.shape[-1]:
         images = torch.nn.functional.interpolate(images.float(), size=(image_size, image_size), mode="bicubic")
-    return to_uint8(images)
+    return to_uint8_numpy(images)
 
 
 def share(n: int, rank: int, world: int) -> range:

@@ -41,8 +41,8 @@ def _worker(ckpt: str, out_dir: str, report_path: str) -> None:
 
     import masc_llamagen.sample as ms
 
-    plain, sample_images, base = ms.to_uint8, ms.sample_images, []
-    ms.to_uint8 = lambda x: np.array(plain(x))  # numpy-owned, so traced
+    plain, sample_images, base = ms.to_uint8_numpy, ms.sample_images, []
+    ms.to_uint8_numpy = lambda x: np.array(plain(x))  # numpy-owned, so traced
 
     def traced_sample_images(*args, **kwargs):
         if not base:

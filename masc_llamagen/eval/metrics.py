@@ -43,7 +43,7 @@ from masc_llamagen.eval.inception import (
     weights_have_logits,
     weights_source,
 )
-from masc_llamagen.io import atomic_savez, atomic_write_json
+from masc_llamagen.utils.io import atomic_savez, atomic_write_json
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")  # what torch-fidelity globs in a folder (non-recursive)
 METRIC_KEYS = ("fid", "kid_mean", "kid_std", "precision", "recall")

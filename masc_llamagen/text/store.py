@@ -33,7 +33,7 @@ import torch
 
 from masc_llamagen.data.codes import atomic_directory
 from masc_llamagen.errors import MascError
-from masc_llamagen.io import atomic_write_json
+from masc_llamagen.utils.io import atomic_write_json
 from masc_llamagen.text.encoders import TextEncoder, align_features
 
 __all__ = [

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Subset
 
 from masc_llamagen.checkpoint import save_weights
 from masc_llamagen.errors import MascError
-from masc_llamagen.io import atomic_write_json
+from masc_llamagen.utils.io import atomic_write_json
 from masc_llamagen.tokenizer.metrics import codebook_stats, images_to_uint8, psnr, ssim
 from masc_llamagen.tokenizer.vq import VectorQuantizer, VQConfig, VQModel, get_vq_config
 

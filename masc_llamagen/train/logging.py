@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from masc_llamagen.io import atomic_write_text
+from masc_llamagen.utils.io import atomic_write_text
 
 
 class MetricLogger:
