@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+from masc_llamagen.utils.io import atomic_savez, atomic_write_json
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -473,13 +475,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, default=float))
-    os.replace(tmp, path)
-
-
 def job_done(plan: Plan, job: Job, root: Path) -> bool:
     """A training run at or past its arm's steps, or a score, already on disk with the same meaning."""
     if job.kind not in ("train", "score"):
@@ -552,10 +547,7 @@ def heldout_codes(cfg, n: int, root: Path) -> Path:
     y = np.array([int(ds[i][1]) for i in range(n)])
     with torch.no_grad():
         codes = torch.cat([vq.encode(x[s : s + 250]).reshape(min(250, n - s), -1) for s in range(0, n, 250)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, codes=codes.numpy(), labels=y)
-    os.replace(tmp, path)
+    atomic_savez(path, codes=codes.numpy(), labels=y)
     return path
 
 
@@ -641,7 +633,7 @@ def train_job(plan: Plan, arm: Arm, seed: int, root: Path) -> dict:
     res = {"key": key, "arm": asdict(arm) | {"label": arm.label}, "seed": seed, "final_step": out["step"],
            "train_wall_s": round(earlier + dt, 1), "step_time_s": float(np.median(step_s)) if step_s else None,
            "metrics": metrics, "run_dir": str(rd)}
-    _write_json(path, res)
+    atomic_write_json(path, res, indent=None, default=float)
     return res
 
 
@@ -665,7 +657,7 @@ def score_job(plan: Plan, arm: Arm, seed: int, step: int, decoder: str, root: Pa
     else:
         ev = score_decoder(plan, cfg, ck, decoder, seed, eval_path(rd, step, "uniform").with_suffix(".ids.npz"))
     res = {"key": key, "step": step, "decoder": decoder, **ev, "wall_s": round(time.perf_counter() - t0, 1)}
-    _write_json(path, res)
+    atomic_write_json(path, res, indent=None, default=float)
     return res
 
 
@@ -673,10 +665,10 @@ def _images(vq, tokens, side: int):
     import numpy as np
     import torch
 
-    from masc_llamagen.train.images import to_uint8
+    from masc_llamagen.utils.images import to_uint8_numpy
 
     with torch.no_grad():
-        return np.concatenate([to_uint8(vq.decode_code(tokens[s : s + 250].reshape(-1, side, side)))
+        return np.concatenate([to_uint8_numpy(vq.decode_code(tokens[s : s + 250].reshape(-1, side, side)))
                                for s in range(0, len(tokens), 250)])
 
 
@@ -735,10 +727,7 @@ def evaluate_checkpoint(plan: Plan, cfg, ck: Path, mappings: dict, seed: int, ro
     g = torch.Generator().manual_seed(20_000 + seed)  # the same draws at every budget: smoother curves
     ids = torch.cat([generate(model, cls[s : s + 250], sampling=sc, generator=g) for s in range(0, n, 250)])
     out["sample_s"] = round(time.perf_counter() - t0, 1)
-    ids_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ids_path.with_name(f".{ids_path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, ids=ids.numpy(), labels=cls.numpy())
-    os.replace(tmp, ids_path)
+    atomic_savez(ids_path, ids=ids.numpy(), labels=cls.numpy())
     side = math.isqrt(model.config.block_size)
     imgs = _images(vq, voc.decode(ids, generator=torch.Generator().manual_seed(30_000 + seed)), side)
     _, ref = reference_features(plan, cfg)
@@ -800,7 +789,7 @@ def assemble(plan: Plan, arm: Arm, seed: int, root: Path) -> dict | None:
     res = {"key": tr["key"], "arm": asdict(arm) | {"label": arm.label}, "seed": seed,
            "train_wall_s": tr["train_wall_s"], "final_step": tr["final_step"], "step_time_s": tr.get("step_time_s"),
            "metrics": tr["metrics"], "evals": [by_step[s] for s in sorted(by_step)], "run_dir": str(rd)}
-    _write_json(rd / "bench.json", res)
+    atomic_write_json(rd / "bench.json", res, indent=None, default=float)
     return res
 
 

@@ -53,8 +53,10 @@ def machine(device: str) -> dict:
 
 def resolve_device(ap, choice: str) -> str:
     """--device auto|cpu|cuda -> cpu or cuda; asking for CUDA where there is none is a usage error."""
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: torch.cuda.is_available() is False")
-    return choice
+    from masc_llamagen.errors import ConfigError
+    from masc_llamagen.utils.devices import pick_device
+
+    try:
+        return pick_device(choice).type
+    except ConfigError as e:
+        ap.error(str(e))

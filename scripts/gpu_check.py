@@ -527,7 +527,7 @@ def prepare(plan: Plan, work: Path, inception: str) -> dict:
     from masc_llamagen.data.codes import save_codes
     from masc_llamagen.data.extract import tokenizer_fingerprint
     from masc_llamagen.tokenizer.vq import VQ_CONFIGS, VQConfig, VQModel
-    from masc_llamagen.train.images import to_uint8
+    from masc_llamagen.utils.images import to_uint8_numpy
 
     dev = torch.device(plan.device)
     info: dict = {"device": plan.device}
@@ -554,7 +554,7 @@ def prepare(plan: Plan, work: Path, inception: str) -> dict:
             with torch.no_grad():
                 for s in range(0, len(ref), 64):
                     idx = torch.from_numpy(ref[s : s + 64, 0]).long().to(dev)
-                    chunks.append(to_uint8(vq.decode_code(idx.reshape(-1, data.grid, data.grid))))
+                    chunks.append(to_uint8_numpy(vq.decode_code(idx.reshape(-1, data.grid, data.grid))))
             images = np.concatenate(chunks)
             np.savez(work / "reference.npz", arr_0=images)
             info["reference_shape"] = "x".join(map(str, images.shape))

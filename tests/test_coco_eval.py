@@ -19,7 +19,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from masc_llamagen.eval import coco  # noqa: E402
+from masc_llamagen.eval import coco, coco_images  # noqa: E402
 from masc_llamagen.eval import inception as inc  # noqa: E402
 from masc_llamagen.eval.__main__ import main as eval_main  # noqa: E402
 from masc_llamagen.eval.metrics import EvalError  # noqa: E402
@@ -128,7 +128,7 @@ def cleanfid_model():
         CLEANFID_INCEPTION.unlink(missing_ok=True)
 
 
-def _cleanfid_features(folder: Path, model, transform=coco.center_crop_lanczos) -> np.ndarray:
+def _cleanfid_features(folder: Path, model, transform=coco_images.center_crop_lanczos) -> np.ndarray:
     from cleanfid.fid import get_folder_features
 
     return get_folder_features(str(folder), model, num_workers=0, batch_size=8, device=torch.device("cpu"),
@@ -192,12 +192,12 @@ def test_center_crop_lanczos_against_pil():
 
     cat = data.chelsea()  # 300 x 451: crop box x 75..375
     ref = np.asarray(Image.fromarray(cat).crop((75, 0, 375, 300)).resize((256, 256), Image.LANCZOS))
-    assert np.array_equal(coco.center_crop_lanczos(cat), ref)
+    assert np.array_equal(coco_images.center_crop_lanczos(cat), ref)
     tall = np.ascontiguousarray(data.rocket().transpose(1, 0, 2))  # 640 x 427: crop box y 106..533
     ref = np.asarray(Image.fromarray(tall).crop((0, 106, 427, 533)).resize((256, 256), Image.LANCZOS))
-    assert np.array_equal(coco.center_crop_lanczos(tall), ref)
+    assert np.array_equal(coco_images.center_crop_lanczos(tall), ref)
     astro = data.astronaut()  # 512 square: a plain Lanczos halving
-    assert np.array_equal(coco.center_crop_lanczos(astro),
+    assert np.array_equal(coco_images.center_crop_lanczos(astro),
                           np.asarray(Image.fromarray(astro).resize((256, 256), Image.LANCZOS)))
 
 
@@ -243,7 +243,7 @@ def test_fid_equals_clean_fid_compute_fid(env, cleanfid_model, monkeypatch):
     from cleanfid.fid import compute_fid
 
     theirs = compute_fid(str(env["samples"] / "images"), str(env["ref"]), mode="clean",
-                         custom_image_tranform=coco.center_crop_lanczos, num_workers=0, batch_size=8,
+                         custom_image_tranform=coco_images.center_crop_lanczos, num_workers=0, batch_size=8,
                          device=torch.device("cpu"), use_dataparallel=False, verbose=False)
     res = coco.evaluate_coco30k(env["samples"], env["ref"], weights=env["weights"], cache_dir=env["cache"],
                                 device="cpu", batch_size=8)

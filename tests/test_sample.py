@@ -90,7 +90,7 @@ def test_image_size_eval_resizes_before_writing(trained):
     from masc_llamagen.models.sampling import SamplingConfig
     from masc_llamagen.sample import head_from_checkpoint, sample_images, sample_tokens
     from masc_llamagen.train.checkpointing import load_training_checkpoint
-    from masc_llamagen.train.images import to_uint8
+    from masc_llamagen.utils.images import to_uint8_numpy
 
     root, ckpt = trained
     out_dir = root / "small"
@@ -104,7 +104,7 @@ def test_image_size_eval_resizes_before_writing(trained):
     vocab, sc, labels = head_from_checkpoint(ck, None, 1.0), SamplingConfig(cfg_scale=2.0), torch.arange(3)
     tokens = sample_tokens(model, vocab, labels, sc, 0, indices=torch.arange(3))
     full = vq.decode_code(tokens.reshape(-1, 4, 4))
-    expected = to_uint8(torch.nn.functional.interpolate(full, size=(8, 8), mode="bicubic"))
+    expected = to_uint8_numpy(torch.nn.functional.interpolate(full, size=(8, 8), mode="bicubic"))
     np.testing.assert_array_equal(sample_images(model, vocab, vq, labels, sc, 0, indices=torch.arange(3),
                                                 image_size=8), expected)
     assert res["shape"] == (3, 8, 8, 3)

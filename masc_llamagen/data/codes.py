@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from masc_llamagen.errors import MascError
+from masc_llamagen.utils.io import atomic_directory
 
 FORMAT = "masc-llamagen-codes"
 FORMAT_VERSION = 1
@@ -49,30 +47,6 @@ class CodeFormatError(MascError, ValueError):
 def code_dtype(codebook_size: int) -> np.dtype:
     """Smallest signed dtype holding every index: half the disk and page cache of int32 for LlamaGen's 16384."""
     return np.dtype(np.int16) if codebook_size <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
-
-
-@contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a scratch directory next to ``path`` that becomes ``path`` only if the block completes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def normalize_variants(variants: Sequence[str | Mapping[str, Any]] | None, num_variants: int) -> list[dict]:

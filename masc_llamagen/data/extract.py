@@ -48,7 +48,6 @@ from masc_llamagen.data.codes import (
     LABELS_FILE,
     META_FILE,
     VALID_FILE,
-    atomic_directory,
     code_dtype,
     make_meta,
     read_meta,
@@ -56,6 +55,8 @@ from masc_llamagen.data.codes import (
     write_meta,
 )
 from masc_llamagen.data.images import ImageFolderDataset, build_image_dataset, center_crop_pil, pil_to_tensor
+from masc_llamagen.utils.devices import pick_device
+from masc_llamagen.utils.io import atomic_directory, atomic_savez, atomic_write_json
 
 DEFAULT_CROP_RANGES = (1.1, 1.05)  # LlamaGen's two extraction passes
 DEFAULT_CHUNK_SIZE = 4096
@@ -212,13 +213,8 @@ def _chunk_name(k: int) -> str:
 
 
 def _write_chunk(path: Path, codes: np.ndarray, labels: np.ndarray, valid: np.ndarray | None = None) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        if valid is None:
-            np.savez(f, codes=codes, labels=labels)
-        else:
-            np.savez(f, codes=codes, labels=labels, valid=valid)
-    os.replace(tmp, path)
+    arrays = {"codes": codes, "labels": labels} | ({} if valid is None else {"valid": valid})
+    atomic_savez(path, **arrays)
 
 
 def _canonical(obj: Any) -> Any:
@@ -314,9 +310,7 @@ def extract_codes(
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
         if not (work / JOB_FILE).is_file():
-            tmp = work / f"{JOB_FILE}.tmp"
-            tmp.write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, work / JOB_FILE)
+            atomic_write_json(work / JOB_FILE, job)
     barrier()
 
     n_chunks = math.ceil(n / chunk_size)
@@ -349,7 +343,7 @@ def _encode_chunks(
     work: Path, dtype: np.dtype, seq_len: int, batch_size: int, num_workers: int,
     device: str | torch.device | None, progress: bool, desc: str,
 ) -> None:
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = pick_device(None if device is None else str(device))
     v = len(plan)
     per_batch = max(1, batch_size // v)
     batches = []  # never straddle a chunk, so a chunk is written as soon as its last batch is encoded

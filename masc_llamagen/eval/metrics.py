@@ -43,6 +43,8 @@ from masc_llamagen.eval.inception import (
     weights_have_logits,
     weights_source,
 )
+from masc_llamagen.utils.devices import pick_device
+from masc_llamagen.utils.images import to_uint8_numpy
 from masc_llamagen.utils.io import atomic_savez, atomic_write_json
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")  # what torch-fidelity globs in a folder (non-recursive)
@@ -424,8 +426,7 @@ def dataset_reference_npz(
         item = ds[int(i)]
         x = item[0] if isinstance(item, (tuple, list)) else item  # (image, label) pairs or bare images
         x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-        # Inverse of the dataset's u/127.5 - 1 normalisation: rounding recovers the stored uint8 exactly.
-        images.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy())
+        images.append(to_uint8_numpy(x))  # the inverse of the dataset's u / 127.5 - 1: exact
     arr = as_uint8_nhwc(np.stack(images))
     atomic_savez(dst, arr_0=arr, source_fingerprint=np.array(fingerprint or ""))
     return dst
@@ -601,16 +602,10 @@ def read_sample_sidecar(generated: Any) -> tuple[Path, dict[str, Any]] | None:
 # Scoring
 # ---------------------------------------------------------------------------------------------------------------
 def _pick_device(device: str | None) -> str:
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise EvalError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
-        if ":" in device:
-            torch.cuda.set_device(int(device.split(":", 1)[1]))
-    elif device != "cpu":
-        raise EvalError(f"device must be cpu or cuda[:N], got {device!r}")
-    return device
+    dev = pick_device(device)
+    if dev.index is not None:
+        torch.cuda.set_device(dev)  # allocations that name no index follow the choice too
+    return str(dev)
 
 
 def compute_metrics(

@@ -21,9 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import uuid
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,10 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from masc_llamagen.data.codes import atomic_directory
 from masc_llamagen.errors import MascError
-from masc_llamagen.utils.io import atomic_write_json
 from masc_llamagen.text.encoders import TextEncoder, align_features
+from masc_llamagen.utils.io import atomic_directory, atomic_savez, atomic_write_json
 
 __all__ = [
     "FEATURES_FILE",
@@ -332,15 +329,7 @@ def _encode_chunk(encoder: TextEncoder, captions: list[str], batch_size: int, de
             lengths.append(a.shape[0])
         if bar is not None:
             bar.update(min(batch_size, len(captions) - s))
-    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, features=np.concatenate(rows), lengths=np.asarray(lengths, dtype=np.int64))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_savez(dest, features=np.concatenate(rows), lengths=np.asarray(lengths, dtype=np.int64))
 
 
 def _load_chunk(partial: Path, k: int, key: str) -> np.ndarray:

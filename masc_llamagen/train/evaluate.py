@@ -13,7 +13,7 @@ from masc_llamagen.masc.heads import Vocabulary
 from masc_llamagen.models.gpt import GPT
 from masc_llamagen.models.sampling import SamplingConfig
 from masc_llamagen.train.ema import EMA
-from masc_llamagen.train.images import save_grid
+from masc_llamagen.utils.images import save_grid
 
 
 class TrainingSampler:
@@ -80,8 +80,7 @@ class TrainingSampler:
         model = self._model(raw, ema)
         labels, mask = self.conditions(raw.config)
         arr = self.images(model, labels, seed=step, caption_mask=mask)
-        t = torch.from_numpy(arr).permute(0, 3, 1, 2).float().sub(128.0).div(127.5)
-        return save_grid(t, self.run_dir / "samples" / f"step{step:08d}.png", nrow=8)
+        return save_grid(arr, self.run_dir / "samples" / f"step{step:08d}.png", nrow=8)
 
     def prompt_fid(self, model: GPT, step: int) -> dict:
         """t2i with ``train.eval_prompts``: the first ``eval_samples`` prompts, one image each, written as the

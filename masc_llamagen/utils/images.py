@@ -29,11 +29,14 @@ def from_uint8(u: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.movedim(-1, -3).float().div(127.5).sub(1.0)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
-    """A PNG grid of ``(B, C, H, W)`` images in [-1, 1] on a white background (torchvision lays it out)."""
+def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int = 8) -> Path:
+    """A PNG grid on a white background (torchvision lays it out) of ``(B, C, H, W)`` floats in [-1, 1] or of
+    ``(B, H, W, C)`` uint8 images as the sampler returns them (uint8 round-trips exactly)."""
     from PIL import Image
     from torchvision.utils import make_grid
 
+    if isinstance(images, np.ndarray) or images.dtype == torch.uint8:
+        images = from_uint8(images)
     grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=0, pad_value=1.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

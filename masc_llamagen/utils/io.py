@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,7 +55,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, **kw) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=str, **kw) + "\n")
+    return atomic_write_text(path, json.dumps(obj, **({"indent": 2, "default": str} | kw)) + "\n")
 
 
 def atomic_savez(path: str | os.PathLike, **arrays) -> Path:
@@ -62,3 +64,29 @@ def atomic_savez(path: str | os.PathLike, **arrays) -> Path:
     with atomic_open(path, "wb") as f:
         np.savez(f, **arrays)
     return Path(path)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a scratch directory next to ``path`` that becomes ``path`` only if the block completes (a dataset of
+    many files appears whole or not at all; an existing one is swapped out only after the new one is complete)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"  # mkdir, not mkdtemp: keep the umask's mode
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    fsync_dir(path.parent)
