@@ -681,7 +681,7 @@ def evaluate_checkpoint(plan: Plan, cfg, ck: Path, mappings: dict, seed: int, ro
 
     from masc_llamagen.checkpoint import load_gpt, load_vq
     from masc_llamagen.eval.fid import frechet_distance
-    from masc_llamagen.masc.heads import bits, marginal_coarse_nll
+    from masc_llamagen.eval.likelihood import heldout_diagnostics
     from masc_llamagen.models.sampling import SamplingConfig, generate
     from masc_llamagen.report import class_grid
     from masc_llamagen.sample import head_from_checkpoint
@@ -697,27 +697,7 @@ def evaluate_checkpoint(plan: Plan, cfg, ck: Path, mappings: dict, seed: int, ro
     codes, labels = torch.from_numpy(z["codes"].astype(np.int64)), torch.from_numpy(z["labels"].astype(np.int64))
     vocabs = {d: head_from_checkpoint(state, d, cfg.head.smoothing) for d in ("uniform", "frequency")}
     voc = vocabs["uniform"]
-    sums: dict[str, float] = {}
-    with torch.no_grad():
-        for s in range(0, len(codes), 250):
-            fine, y = codes[s : s + 250], labels[s : s + 250]
-            ids = voc.encode(fine)
-            logits = model(ids[:, :-1], y)[0].float()
-            logp = logits.log_softmax(-1)
-            ce = torch.nn.functional.cross_entropy(logp.reshape(-1, logp.shape[-1]), ids.reshape(-1), reduction="sum")
-            sums["coarse_ce"] = sums.get("coarse_ce", 0.0) + ce.item()
-            ent = -(logp.exp() * logp).sum(-1) / math.log(logp.shape[-1])
-            sums["entropy_norm"] = sums.get("entropy_norm", 0.0) + ent.sum().item()
-            for d, v in vocabs.items():
-                sums[f"fine_nll_{d}"] = sums.get(f"fine_nll_{d}", 0.0) + v.fine_nll(logits, fine).sum().item()
-            for label, mapping in mappings.items():
-                key = f"marginal_ce/{label}"
-                sums[key] = sums.get(key, 0.0) + marginal_coarse_nll(logits, fine, mapping).sum().item()
-    n_tok = codes.numel()
-    diag = {k: (v / n_tok if k == "entropy_norm" else bits(v / n_tok)) for k, v in sums.items()}
-    if voc.is_flat:
-        diag["fine_nll_frequency"] = diag["fine_nll_uniform"] = diag["coarse_ce"]
-    out["heldout"] = diag | {"tokens": n_tok}
+    out["heldout"] = heldout_diagnostics(model, vocabs, codes, labels, mappings)
 
     # samples -> FID ------------------------------------------------------------------------------------------------
     n = plan.fid_samples
