@@ -12,7 +12,7 @@ from train_utils import compose_cfg, make_assets
 from masc_llamagen.checkpoint import load_gpt
 from masc_llamagen.data.codes import save_codes
 from masc_llamagen.data.extract import tokenizer_fingerprint
-from masc_llamagen.errors import TrainingError
+from masc_llamagen.errors import ConfigError, TrainingError
 from masc_llamagen.text import build_text_encoder, extract_text_features
 from masc_llamagen.train.checkpointing import load_training_checkpoint
 from masc_llamagen.train.loop import train
@@ -127,7 +127,6 @@ def test_t2i_in_training_grid_and_sampler_write_one_image_per_prompt(tmp_path, t
 
 def test_config_refuses_t2i_without_features(tmp_path, t2i_assets):
     from masc_llamagen.config import validate
-    from masc_llamagen.errors import ConfigError
 
     cfg = compose_cfg(tmp_path, t2i_assets, [*BASE])
     with open_dict(cfg):
@@ -139,16 +138,25 @@ def test_config_refuses_t2i_without_features(tmp_path, t2i_assets):
 
 def test_extraction_cli_writes_the_store_training_reads(tmp_path, t2i_assets, capsys):
     from masc_llamagen.text import TextFeatureStore
-    from masc_llamagen.text.extract import main
+    from masc_llamagen.text.extract import ExtractConfig, extract
 
-    main([f"codes={t2i_assets['codes']}", f"out={tmp_path / 'feats'}", "device=cpu"])
+    extract(ExtractConfig(codes=str(t2i_assets["codes"]), out=str(tmp_path / "feats"), device="cpu"))
     store = TextFeatureStore(tmp_path / "feats")
     ref = TextFeatureStore(t2i_assets["features"])
     assert len(store) == 48 and store.fingerprint == ref.fingerprint
     torch.testing.assert_close(store[7], ref[7])
     assert "48 captions" in capsys.readouterr().out
-    with pytest.raises(Exception, match="exactly one of codes=DIR"):
-        main([f"out={tmp_path / 'x'}"])
+    with pytest.raises(ConfigError, match="exactly one of codes=DIR"):
+        extract(ExtractConfig(out=str(tmp_path / "x")))
+
+
+def test_extraction_cli_reports_a_missing_output_in_one_line():
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "masc_llamagen.text.extract", "codes=x"], capture_output=True, text=True,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 1 and p.stderr.strip() == "error: out=DIR is required: where to write the packed features"
 
 
 @pytest.mark.slow

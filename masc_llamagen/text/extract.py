@@ -12,11 +12,12 @@ under ``torchrun --nproc_per_node N`` each rank encodes its own contiguous share
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from masc_llamagen.errors import ConfigError, user_errors
 
@@ -30,46 +31,39 @@ class ExtractConfig:
     path: str | None = None  # local model directory (T5)
     max_length: int = 120  # token slots; the model's cls_token_num
     batch_size: int = 64
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda[:N]
     overwrite: bool = False
 
 
-def _config(argv: list[str]) -> ExtractConfig:
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(ExtractConfig), OmegaConf.from_dotlist(argv))
-        if OmegaConf.is_missing(cfg, "out"):
-            raise ConfigError("out=DIR is required: where to write the packed features")
-        cfg = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:
-        keys = ", ".join(ExtractConfig.__dataclass_fields__)
-        raise ConfigError(f"{str(e).strip().splitlines()[0]} (keys: {keys})") from None
+ConfigStore.instance().store(name="base_text_extract", node=ExtractConfig)
+
+
+def _captions(cfg: ExtractConfig) -> list[str]:
     if (cfg.codes is None) == (cfg.captions is None):
         raise ConfigError("pass exactly one of codes=DIR (a t2i code directory) or captions=FILE (one a line)")
-    return cfg
-
-
-def main(argv: list[str] | None = None) -> None:
-    from pathlib import Path
-
-    import torch
-    from accelerate import PartialState
-
-    from masc_llamagen.text import build_text_encoder, extract_text_features, finalize_text_features
-
-    cfg = _config(sys.argv[1:] if argv is None else argv)
     if cfg.codes is not None:
         from masc_llamagen.data.codes import CodeDataset
 
         captions = CodeDataset(cfg.codes).captions
         if captions is None:
             raise ConfigError(f"{cfg.codes} holds class-conditional codes (no captions.jsonl); pass t2i codes")
-    else:
-        path = Path(cfg.captions)
-        if not path.is_file():
-            raise ConfigError(f"captions={path} does not exist; pass a text file with one caption a line")
-        captions = path.read_text().splitlines()
+        return captions
+    path = Path(cfg.captions)
+    if not path.is_file():
+        raise ConfigError(f"captions={path} does not exist; pass a text file with one caption a line")
+    return path.read_text().splitlines()
+
+
+def extract(cfg: ExtractConfig) -> None:
+    """Encode the captions into ``cfg.out``; every rank of a torchrun job takes its share."""
+    from accelerate import PartialState
+
+    from masc_llamagen.text import build_text_encoder, extract_text_features, finalize_text_features
+    from masc_llamagen.utils.devices import pick_device
+
+    captions = _captions(cfg)
     state = PartialState(cpu=cfg.device == "cpu")
-    device = state.device if cfg.device == "auto" else torch.device(cfg.device)
+    device = state.device if cfg.device == "auto" else pick_device(cfg.device)
     enc = build_text_encoder(cfg.encoder, cfg.path, device=device, max_length=cfg.max_length)
     store = extract_text_features(enc, captions, cfg.out, batch_size=cfg.batch_size, rank=state.process_index,
                                   world=state.num_processes, overwrite=cfg.overwrite, progress=state.is_main_process)
@@ -79,6 +73,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{len(store)} captions -> {cfg.out} ({enc.name}, {store.dim}-d)")
 
 
-if __name__ == "__main__":
+@hydra.main(version_base="1.3", config_path="../../configs", config_name="text_extract")
+def main(cfg: DictConfig) -> None:
     with user_errors():
-        main()
+        if OmegaConf.is_missing(cfg, "out"):
+            raise ConfigError("out=DIR is required: where to write the packed features")
+        extract(OmegaConf.to_object(cfg))
+
+
+if __name__ == "__main__":
+    main()
