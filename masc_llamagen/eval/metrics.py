@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from masc_llamagen.data import images as data_images
 from masc_llamagen.errors import MascError
 from masc_llamagen.eval.inception import (
     TORCH_FIDELITY_FILE,
@@ -328,24 +329,9 @@ def image_source(source: Any, *, allow_statistics_only: bool = False) -> ImageSo
 # ---------------------------------------------------------------------------------------------------------------
 # Dataset references
 # ---------------------------------------------------------------------------------------------------------------
-def _data_module():
-    try:
-        import masc_llamagen.data.images as images
-    except ImportError:
-        return None
-    return images
-
-
 def _build_image_dataset(name: str, split: str, image_size: int | None, root: str | os.PathLike | None):
     try:
-        from masc_llamagen.data.images import build_image_dataset
-    except ImportError:
-        raise EvalError(
-            f"reference {name!r} is not an existing path, and masc_llamagen.data.images (build_image_dataset) is "
-            "not available in this checkout to read it as a dataset name; pass an image folder or an ADM-style .npz"
-        ) from None
-    try:
-        return build_image_dataset(name, split, image_size=image_size, root=root)
+        return data_images.build_image_dataset(name, split, image_size=image_size, root=root)
     except (OSError, ValueError, KeyError) as e:  # DatasetNotFoundError is a FileNotFoundError
         raise EvalError(f"reference dataset {name!r} ({split}): {_first_line(e)}") from None
 
@@ -355,16 +341,13 @@ def _dataset_fingerprint(name: str, split: str, root: str | os.PathLike | None) 
 
     None when the files cannot be located without building the dataset (then the cached npz is reused as is).
     """
-    images = _data_module()
-    if images is None or not all(hasattr(images, a) for a in ("canonical_name", "default_root")):
-        return None
-    key = images.canonical_name(name)
+    key = data_images.canonical_name(name)
     try:
-        base = Path(root).expanduser() if root is not None else images.default_root(key)
+        base = Path(root).expanduser() if root is not None else data_images.default_root(key)
         if base is None or not base.exists():
             return None
-        if key == "imagefolder" and hasattr(images, "resolve_split_folder"):
-            base = Path(images.resolve_split_folder(base, split))
+        if key == "imagefolder":
+            base = Path(data_images.resolve_split_folder(base, split))
         h = hashlib.sha256(f"{key}\0{split}\0".encode())
         files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
         for p in files:
@@ -441,16 +424,11 @@ def is_dataset_name(reference: Any) -> bool:
         return False
     if "/" in reference or os.sep in reference or reference.lower().endswith(".npz"):
         return False
-    images = _data_module()
-    if images is None or not hasattr(images, "canonical_name") or not hasattr(images, "DEFAULT_IMAGE_SIZES"):
-        return True  # cannot tell: _build_image_dataset explains what is missing
-    return images.canonical_name(reference) in images.DEFAULT_IMAGE_SIZES
+    return data_images.canonical_name(reference) in data_images.DEFAULT_IMAGE_SIZES
 
 
 def _known_datasets() -> str:
-    images = _data_module()
-    names = sorted(getattr(images, "DEFAULT_IMAGE_SIZES", {})) if images is not None else []
-    return ", ".join(names) or "none available"
+    return ", ".join(sorted(data_images.DEFAULT_IMAGE_SIZES))
 
 
 def _reference_source(reference: Any, gen: ImageSource, split: str, image_size: int | None,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from masc_llamagen.errors import ConfigError
 from masc_llamagen.utils.io import atomic_write_text
 
 
@@ -28,7 +29,7 @@ class MetricLogger:
 
             mode = cfg.logger.mode
             if mode not in ("offline", "online", "disabled"):
-                raise ValueError(f"logger.mode={mode!r}; use offline, online or disabled")
+                raise ConfigError(f"logger.mode={mode!r}; use offline, online or disabled")
             os.environ.setdefault("WANDB_SILENT", "true")
             self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode, dir=str(run_dir),
                                   name=f"{cfg.name}-{run_dir.name}", id=_wandb_id(run_dir), resume="allow",
@@ -36,11 +37,11 @@ class MetricLogger:
         elif self.kind == "tensorboard":
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError("logger=tensorboard needs the tensorboard package: pip install tensorboard") from e
+            except ImportError:  # an optional extra, not a dependency
+                raise ConfigError("logger=tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.run = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         else:
-            raise ValueError(f"logger.kind={self.kind!r}; use wandb, tensorboard or none")
+            raise ConfigError(f"logger.kind={self.kind!r}; use wandb, tensorboard or none")
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.main:
