@@ -806,7 +806,7 @@ def write_report(plan, root: Path, out: Path, speed: dict, command: str, n_repla
         "",
         *plateau_lines(plan, groups),
         "",
-        "### Acceleration curve (masc-method.md section 5, at every budget)",
+        "### Acceleration curve (docs/method.md section 4, at every budget)",
         "",
         "For each of flat's budgets b: the steps a head needs to reach flat's FID at b, on the head's own curve "
         "(linear between scored checkpoints, the first crossing counts, nothing extrapolated), paired by seed "
@@ -829,7 +829,7 @@ def write_report(plan, root: Path, out: Path, speed: dict, command: str, n_repla
         "",
         "Fine NLL is the true likelihood under model + member decoder (a coarse head pays log |C(y)| per token); "
         "coarse CE next to flat marginalised onto the same clusters is the direct test of 'the coarse task is learned "
-        "faster' (masc-method.md section 7).",
+        "faster' (docs/method.md section 4).",
         "",
         diagnostics_table(plan, groups),
         "",

@@ -1,4 +1,4 @@
-"""Training "acceleration" against a baseline FID curve (masc-method.md section 5), as a single number and as a curve.
+"""Training "acceleration" against a baseline FID curve (docs/method.md section 4), as a single number and as a curve.
 
 The paper does not define it; we use the reading it supports best:
 ``acceleration = 1 - T_run(reach the baseline's final FID) / T_baseline(total)`` (share of training saved), and, while
