@@ -125,7 +125,7 @@ def run(kind: str, n: int, seed: int, zout: str | None = None) -> dict:
 
 
 def cut(Z: np.ndarray, k: int) -> np.ndarray:
-    from masc_llamagen.masc.tree import cut_linkage
+    from masc_llamagen.masc.linkage import cut_linkage
 
     return cut_linkage(Z, k)
 

@@ -154,7 +154,7 @@ def main() -> None:
         rc, err = _run([py, "-m", "masc_llamagen.eval", *argv, "--device", "cpu"], work, repo)
         results[name] = _classify(rc, err)
 
-    rc, err = _run([py, "-m", "masc_llamagen.tree", "cut", str(text), "--k", "4", "--out", str(work / "m.npy")],
+    rc, err = _run([py, "-m", "masc_llamagen.tree", "action=cut", f"tree={text}", "k=4", f"mapping={work / 'm.npy'}"],
                    work, repo)
     results["tree cut on a non-tree"] = _classify(rc, err)
 

@@ -1,8 +1,6 @@
-"""``python -m masc_llamagen.tree {build,cut,stats}``: the CLI of masc_llamagen.masc.tree under a short name."""
+"""``python -m masc_llamagen.tree action=build|cut|stats ...``: the tree job (masc_llamagen.masc.tree_cli)."""
 
-import sys
-
-from masc_llamagen.masc.tree import main
+from masc_llamagen.masc.tree_cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from masc_llamagen.masc.heads import HeadError, Vocabulary, build_vocabulary, marginal_coarse_nll, member_log_probs
+from masc_llamagen.masc.linkage import TreeError
+from masc_llamagen.masc.members import cluster_members
 
 N, K = 30, 7
 
@@ -118,7 +120,7 @@ def test_member_table_and_state_roundtrip(tmp_path, mapping, counts):
     voc = build_vocabulary("kmeans", N, mapping, decoder="frequency", counts=counts)
     assert voc.k == K and int(voc.sizes().sum()) == N
     for c in range(K):
-        assert voc.members(c).tolist() == np.flatnonzero(mapping == c).tolist()
+        assert voc.table[c].tolist() == np.flatnonzero(mapping == c).tolist()
     torch.save(voc.to_state(), tmp_path / "h.pt")
     back = Vocabulary.from_state(torch.load(tmp_path / "h.pt", weights_only=True))
     assert back.k == K and back.name == "kmeans" and torch.equal(back.mapping, voc.mapping)
@@ -126,13 +128,16 @@ def test_member_table_and_state_roundtrip(tmp_path, mapping, counts):
 
 
 def test_bad_mappings_raise_clear_errors(mapping):
-    with pytest.raises(HeadError, match="mapping has 29 entries but the tokenizer has 30 codes"):
+    with pytest.raises(TreeError, match=r"head=masc mapping has shape \(29,\) but the codebook has N=30 tokens"):
         build_vocabulary("masc", N, mapping[:-1])
     gap = mapping.copy()
     gap[gap == 2] = 1
-    with pytest.raises(HeadError, match="no empty cluster"):
+    with pytest.raises(TreeError, match=r"leaves 1 of k=7 clusters empty \(e.g. 2\)"):
         build_vocabulary("masc", N, gap)
+    state = build_vocabulary("masc", N, mapping).to_state()
+    with pytest.raises(TreeError, match="empty"):  # a checkpoint's head goes through the same validator
+        Vocabulary.from_state({**state, "mapping": torch.as_tensor(gap)})
     with pytest.raises(HeadError, match="unknown member decoder"):
-        member_log_probs(mapping, "mode")
+        member_log_probs(cluster_members(mapping, N), "mode")
     with pytest.raises(HeadError, match="needs token counts"):
-        member_log_probs(mapping, "frequency")
+        member_log_probs(cluster_members(mapping, N), "frequency")

@@ -162,7 +162,7 @@ def test_decode_picks_the_member_its_uniform_points_at(vocab):
     got = vocab.decode(ids, uniforms=u)
     p = vocab.member_log_prob.exp()
     for c, x, t in zip(ids.tolist(), u.tolist(), got.tolist(), strict=True):
-        members = vocab.members(c).tolist()  # ascending token id
+        members = vocab.table[c].tolist()  # ascending token id
         cum = np.cumsum([p[m].item() for m in members])
         want = members[min(int(np.searchsorted(cum, x * cum[-1], side="right")), len(members) - 1)]
         assert t == want, (c, x, t, want)

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.cluster.hierarchy import cut_tree, fcluster, linkage
 
+from masc_llamagen.errors import ConfigError
+from masc_llamagen.masc import linkage as L
 from masc_llamagen.masc import mappings as M
 from masc_llamagen.masc import tree as T
+from masc_llamagen.masc import tree_cli as CLI
+from masc_llamagen.masc.members import cluster_members, size_summary, validate_mapping
 
 VQ_FIXTURE = "tests/fixtures/llamagen/vq_tiny.safetensors"
 
@@ -39,12 +47,19 @@ def brute_force_average(points: np.ndarray, k: int) -> np.ndarray:
     return label
 
 
+def inertia(points: np.ndarray, mapping: np.ndarray) -> float:
+    """Sum of squared distances to cluster means: the k-means objective, to compare mappings."""
+    k = int(mapping.max()) + 1
+    cent = np.stack([points[mapping == c].mean(0) for c in range(k)])
+    return float(((points - cent[mapping]) ** 2).sum())
+
+
 def codebook(seed: int, n: int, d: int = 8) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
 
 
 def same_partition(a, b) -> bool:
-    return np.array_equal(T.canonical_labels(a), T.canonical_labels(b))
+    return np.array_equal(L.canonical_labels(a), L.canonical_labels(b))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +73,7 @@ def small_tree():
 @pytest.mark.parametrize("seed,n,d", [(0, 300, 8), (1, 250, 8), (2, 200, 3), (3, 150, 16)])
 def test_partition_equals_brute_force_and_scipy(seed, n, d):
     cb = codebook(seed, n, d)
-    pts = T.prepare_points(cb)
+    pts = L.prepare_points(cb)
     tree = T.build_tree(cb)
     zs = linkage(pts, "average")
     for k in (1, 2, 3, 7, 20, n // 3, n // 2, n - 1, n):
@@ -71,25 +86,25 @@ def test_partition_equals_brute_force_and_scipy(seed, n, d):
     np.testing.assert_allclose(tree.linkage[:, 2], zs[:, 2], rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("method", T.METHODS)
+@pytest.mark.parametrize("method", L.METHODS)
 def test_other_linkages_match_scipy(method):
     cb = codebook(11, 160)
-    pts = T.prepare_points(cb)
-    ours = T.linkage_matrix(pts, method)
+    pts = L.prepare_points(cb)
+    ours = L.linkage_matrix(pts, method)
     zs = linkage(pts, method)
     for k in (1, 2, 5, 17, 80, 159, 160):
-        assert np.array_equal(T.cut_linkage(ours, k), T.cut_linkage(zs, k)), (method, k)
-        assert same_partition(T.cut_linkage(ours, k), cut_tree(zs, n_clusters=k).ravel()), (method, k)
+        assert np.array_equal(L.cut_linkage(ours, k), L.cut_linkage(zs, k)), (method, k)
+        assert same_partition(L.cut_linkage(ours, k), cut_tree(zs, n_clusters=k).ravel()), (method, k)
 
 
 def test_slot_order_is_invisible_except_for_ties():
     # The build's internal order changes nothing but tie-breaking: any order gives the same merge table here.
-    pts = T.prepare_points(codebook(5, 257))
-    ref = T.linkage_matrix(pts)
+    pts = L.prepare_points(codebook(5, 257))
+    ref = L.linkage_matrix(pts)
     for order in (np.arange(257), np.arange(257)[::-1], np.random.default_rng(0).permutation(257)):
-        assert np.array_equal(T._generic_linkage(pts, 0, order), ref)
-    big = T.prepare_points(codebook(6, 2500))
-    assert np.array_equal(T._generic_linkage(big, 0, np.arange(2500)), T.linkage_matrix(big))  # threaded path
+        assert np.array_equal(L._generic_linkage(pts, 0, order), ref)
+    big = L.prepare_points(codebook(6, 2500))
+    assert np.array_equal(L._generic_linkage(big, 0, np.arange(2500)), L.linkage_matrix(big))  # threaded path
 
 
 def test_raw_table_option():
@@ -130,13 +145,22 @@ def test_cut_by_count_with_tied_heights():
 
 def test_member_table(small_tree):
     cut = small_tree.cut(17)
-    mt = cut.members
-    assert len(mt) == 17 and np.array_equal(mt.sizes, cut.sizes)
+    mt = cluster_members(cut.mapping, small_tree.n, 17)
+    assert mt.k == 17 and np.array_equal(mt.sizes, cut.sizes) and np.array_equal(mt.mapping, cut.mapping)
     for c in range(17):
         assert np.array_equal(mt[c], np.flatnonzero(cut.mapping == c))
-    pad = mt.padded()
-    assert pad.shape == (17, cut.sizes.max())
-    assert np.array_equal(np.sort(pad[pad >= 0]), np.arange(small_tree.n))
+    assert cluster_members(cut.mapping, small_tree.n).k == 17  # k from the ids
+    st = size_summary(cut.sizes)
+    desc = np.sort(cut.sizes)[::-1]
+    assert (st["k"], st["n"], st["min"], st["max"]) == (17, small_tree.n, desc[-1], desc[0])
+    assert st["singletons"] == sum(int(s) == 1 for s in cut.sizes)
+    assert st["top10_share"] == desc[:10].sum() / small_tree.n
+
+
+def test_algorithm_and_tree_file_need_no_torch():
+    code = ("import sys; import masc_llamagen.masc.mappings, masc_llamagen.masc.tree; heavy = [m for m in sys.modules "
+            "if m.split('.')[0] in ('torch', 'hydra') or m == 'masc_llamagen.checkpoint']; assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_duplicate_rows_are_deterministic():
@@ -173,10 +197,10 @@ def test_byte_identical_rebuild_and_roundtrip(tmp_path):
     assert meta["sha256"] == T.codebook_sha256(cb) and meta["n"] == 64 and meta["d"] == 8
     assert meta["normalized"] is True and meta["method"] == "average"
     assert {"numpy", "scipy", "masc_llamagen"} <= set(meta["versions"])
-    back = T.Tree.load(p1)
+    back = T.load_tree(p1)
     assert np.array_equal(back.linkage, T.build_tree(cb).linkage)
     assert back.fingerprint == T.Fingerprint.of(cb)
-    back.check_codebook(cb)
+    T.verify_fingerprint(back.fingerprint, cb)
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -191,9 +215,9 @@ def test_single_token_codebook(tmp_path):
 
 def test_k_out_of_range(small_tree):
     for k in (0, -1, small_tree.n + 1):
-        with pytest.raises(T.TreeError, match=rf"1 <= k <= {small_tree.n}"):
+        with pytest.raises(L.TreeError, match=rf"1 <= k <= {small_tree.n}"):
             small_tree.cut(k)
-    with pytest.raises(T.TreeError, match="integer"):
+    with pytest.raises(L.TreeError, match="integer"):
         small_tree.mapping(2.5)
 
 
@@ -206,53 +230,53 @@ def test_k_out_of_range(small_tree):
     (np.zeros((2, 3, 4)), "3-D"),
 ])
 def test_bad_codebooks(bad, match):
-    with pytest.raises(T.TreeError, match=match) as e:
+    with pytest.raises(L.TreeError, match=match) as e:
         T.build_tree(bad)
     assert "\n" not in str(e.value)
 
 
 def test_fingerprint_mismatch_names_both_sides(small_tree):
     other = codebook(8, 100)
-    with pytest.raises(T.TreeError) as e:
-        small_tree.check_codebook(other)
+    with pytest.raises(L.TreeError) as e:
+        T.verify_fingerprint(small_tree.fingerprint, other)
     msg = str(e.value)
     assert small_tree.fingerprint.sha256[:12] in msg and T.codebook_sha256(other)[:12] in msg
     assert "N=120 d=8" in msg and "N=100 d=8" in msg and "\n" not in msg
     changed = codebook(7, 120)
     changed[0, 0] += 1e-3  # same shape, different values
-    with pytest.raises(T.TreeError, match="mismatch"):
+    with pytest.raises(L.TreeError, match="mismatch"):
         T.verify_fingerprint(small_tree.fingerprint, changed)
 
 
 def test_mapping_length_and_ids():
-    with pytest.raises(T.TreeError, match="N=10 tokens"):
-        M.validate_mapping(np.zeros(9, np.int64), 10)
-    with pytest.raises(T.TreeError, match=r"ids in \[0, 3\]"):
-        M.validate_mapping(np.array([0, 1, 5, 2]), 4, k=4)
-    with pytest.raises(T.TreeError, match="empty"):
-        M.validate_mapping(np.array([0, 0, 2, 2]), 4, k=3)
+    with pytest.raises(L.TreeError, match="N=10 tokens"):
+        validate_mapping(np.zeros(9, np.int64), 10)
+    with pytest.raises(L.TreeError, match=r"ids in \[0, 3\]"):
+        validate_mapping(np.array([0, 1, 5, 2]), 4, k=4)
+    with pytest.raises(L.TreeError, match="empty"):
+        validate_mapping(np.array([0, 0, 2, 2]), 4, k=3)
 
 
 def test_missing_and_corrupt_tree_files(tmp_path, small_tree):
-    with pytest.raises(T.TreeError, match="not found"):
+    with pytest.raises(L.TreeError, match="not found"):
         T.load_tree(tmp_path / "nope.npz")
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip at all")
-    with pytest.raises(T.TreeError, match="corrupt"):
+    with pytest.raises(L.TreeError, match="corrupt"):
         T.load_tree(junk)
     good = small_tree.save(tmp_path / "good.npz")
     cut = tmp_path / "cut.npz"
     cut.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
-    with pytest.raises(T.TreeError, match="corrupt"):
+    with pytest.raises(L.TreeError, match="corrupt"):
         T.load_tree(cut)
     other = tmp_path / "other.npz"
     np.savez(other, x=np.zeros(3))
-    with pytest.raises(T.TreeError, match="not a MASC tree"):
+    with pytest.raises(L.TreeError, match="not a MASC tree"):
         T.load_tree(other)
     z = small_tree.linkage.copy()
     z[5, 0] = z[6, 0]  # a node merged twice
     bad = T.write_npz(tmp_path / "bad.npz", {"linkage": z, "meta": np.load(good)["meta"]})
-    with pytest.raises(T.TreeError, match="not a valid dendrogram"):
+    with pytest.raises(L.TreeError, match="not a valid dendrogram"):
         T.load_tree(bad)
 
 
@@ -270,13 +294,13 @@ def test_codebook_sources(tmp_path):
 
     save_file({"emb": torch.from_numpy(cb)}, str(tmp_path / "cb.safetensors"))
     for name in ("cb.npy", "bare.pt", "vq.pt", "one.pt", "cb.safetensors"):
-        assert np.array_equal(T.load_codebook(tmp_path / name), cb), name
+        assert np.array_equal(CLI.load_codebook(tmp_path / name), cb), name
     torch.save({"a": torch.zeros(3, 2), "b": torch.zeros(4, 2)}, tmp_path / "two.pt")
-    with pytest.raises(T.TreeError, match="2-D tensors"):
-        T.load_codebook(tmp_path / "two.pt")
-    with pytest.raises(T.TreeError, match="not found"):
-        T.load_codebook(tmp_path / "missing.npy")
-    vq = T.load_codebook(VQ_FIXTURE)
+    with pytest.raises(L.TreeError, match="2-D tensors"):
+        CLI.load_codebook(tmp_path / "two.pt")
+    with pytest.raises(L.TreeError, match="not found"):
+        CLI.load_codebook(tmp_path / "missing.npy")
+    vq = CLI.load_codebook(VQ_FIXTURE)
     assert vq.shape == (64, 8) and vq.dtype == np.float32
 
 
@@ -285,20 +309,20 @@ def test_codebook_sources(tmp_path):
 
 def test_kmeans_baseline():
     cb = codebook(2, 200)
-    pts = T.prepare_points(cb)
+    pts = L.prepare_points(cb)
     km = M.build_mapping("kmeans", cb, 12, seed=0)
     rnd = M.build_mapping("random", cb, 12, seed=0)
-    assert np.unique(km).size == 12 and np.array_equal(km, T.canonical_labels(km))
-    assert M.inertia(pts, km) < M.inertia(pts, rnd)
+    assert np.unique(km).size == 12 and np.array_equal(km, L.canonical_labels(km))
+    assert inertia(pts, km) < inertia(pts, rnd)
     assert np.array_equal(km, M.build_mapping("kmeans", cb, 12, seed=0))
 
 
 def test_balanced_kmeans_sizes():
     cb = codebook(6, 256)
-    pts = T.prepare_points(cb)
+    pts = L.prepare_points(cb)
     bal = M.build_mapping("balanced_kmeans", cb, 16, seed=1)
     assert (np.bincount(bal) == 16).all()
-    assert M.inertia(pts, bal) < M.inertia(pts, M.build_mapping("random", cb, 16, seed=1))
+    assert inertia(pts, bal) < inertia(pts, M.build_mapping("random", cb, 16, seed=1))
     uneven = M.build_mapping("balanced_kmeans", cb, 10, seed=1)
     sizes = np.bincount(uneven)
     assert sizes.size == 10 and sizes.max() - sizes.min() <= 1 and sizes.sum() == 256
@@ -315,34 +339,64 @@ def test_random_and_linkage_mappings():
     assert np.array_equal(M.build_mapping("masc", cb, 9), T.build_tree(cb).mapping(9))
     for method in ("single", "complete", "ward"):
         assert np.unique(M.build_mapping(method, cb, 9)).size == 9
-    with pytest.raises(T.TreeError, match="unknown mapping method"):
+    with pytest.raises(L.TreeError, match="unknown mapping method"):
         M.build_mapping("spectral", cb, 3)
-    with pytest.raises(T.TreeError, match="out of range"):
+    with pytest.raises(L.TreeError, match="out of range"):
         M.build_mapping("kmeans", cb, 101)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_build_cut_stats(tmp_path, capsys):
+def test_tree_job_build_cut_stats(tmp_path, capsys):
     cb = codebook(12, 80)
     np.save(tmp_path / "cb.npy", cb)
-    tree = tmp_path / "tree.npz"
-    assert T.main(["build", str(tmp_path / "cb.npy"), "--out", str(tree)]) == 0
-    assert T.main(["cut", str(tree), "--k", "10", "--out", str(tmp_path / "m.npy"),
-                   "--codebook", str(tmp_path / "cb.npy")]) == 0
-    m = np.load(tmp_path / "m.npy")
+    tree = str(tmp_path / "tree.npz")
+    CLI.run(CLI.TreeJob(action="build", codebook=str(tmp_path / "cb.npy"), tree=tree))
+    out = CLI.run(CLI.TreeJob(action="cut", tree=tree, k=10, mapping=str(tmp_path / "m.npy"),
+                              codebook=str(tmp_path / "cb.npy")))
+    m = np.load(out)
     assert m.dtype == np.int64 and np.array_equal(m, T.build_tree(cb).mapping(10))
-    assert T.main(["stats", str(tree), "--k", "10", "--png", str(tmp_path / "s.png")]) == 0
-    out = capsys.readouterr().out
-    assert "median" in out and "singletons" in out and "top-10" in out
+    CLI.run(CLI.TreeJob(action="stats", tree=tree, k=10, png=str(tmp_path / "s.png")))
+    printed = capsys.readouterr().out
+    assert "median" in printed and "singletons" in printed and "top-10" in printed
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The VQ checkpoint itself, raw table.
-    assert T.main(["build", VQ_FIXTURE, "--out", str(tmp_path / "vq.npz"), "--raw"]) == 0
+    CLI.run(CLI.TreeJob(action="build", codebook=VQ_FIXTURE, tree=str(tmp_path / "vq.npz"), normalize=False))
     assert not T.load_tree(tmp_path / "vq.npz").normalized
-    # Errors: one line on stderr, exit code 2.
-    assert T.main(["cut", str(tree), "--k", "0", "--out", str(tmp_path / "x.npy")]) == 2
-    assert T.main(["cut", str(tree), "--k", "5", "--out", str(tmp_path / "x.npy"), "--codebook", VQ_FIXTURE]) == 2
-    assert T.main(["stats", str(tmp_path / "missing.npz"), "--k", "3"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and "1 <= k <= 80" in err[0] and "mismatch" in err[1] and "not found" in err[2]
+    with pytest.raises(L.TreeError, match="1 <= k <= 80"):
+        CLI.run(CLI.TreeJob(action="cut", tree=tree, k=0, mapping=str(tmp_path / "x.npy")))
+    with pytest.raises(L.TreeError, match="mismatch"):
+        CLI.run(CLI.TreeJob(action="cut", tree=tree, k=5, mapping=str(tmp_path / "x.npy"), codebook=VQ_FIXTURE))
+    with pytest.raises(L.TreeError, match="not found"):
+        CLI.run(CLI.TreeJob(action="stats", tree=str(tmp_path / "missing.npz"), k=3))
+    assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("job,match", [
+    (CLI.TreeJob(action="grow", tree="t.npz"), "action=grow is unknown"),
+    (CLI.TreeJob(action="build", tree="t.npz"), "needs codebook="),
+    (CLI.TreeJob(action="cut", tree="t.npz", k=3), "needs mapping="),
+    (CLI.TreeJob(action="stats", tree="t.npz", k=3, mapping="m.npy"), "does not read mapping"),
+])
+def test_tree_job_refuses_incomplete_or_ignored_fields(job, match):
+    with pytest.raises(ConfigError, match=match):
+        CLI.check_job(job)
+
+
+def test_tree_cli_is_a_hydra_app_that_writes_only_its_files(tmp_path):
+    """The real command line: typed overrides, one-line errors with exit code 1, no Hydra output folders."""
+    np.save(tmp_path / "cb.npy", codebook(13, 40))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "masc_llamagen.tree", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    r = cli("action=build", "codebook=cb.npy", "tree=t.npz")
+    assert r.returncode == 0 and "built" in r.stdout, r.stderr
+    assert np.array_equal(T.load_tree(tmp_path / "t.npz").linkage, T.build_tree(codebook(13, 40)).linkage)
+    r = cli("action=cut", "tree=cb.npy", "k=4", "mapping=m.npy")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+    assert "not a MASC tree file" in r.stderr and "action=build" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cb.npy", "t.npz"]

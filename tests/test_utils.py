@@ -82,3 +82,17 @@ def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
 def test_atomic_write_json_takes_the_callers_encoder(tmp_path):
     p = atomic_write_json(tmp_path / "x.json", {"v": np.float32(0.5)}, indent=None, default=float)
     assert p.read_text() == '{"v": 0.5}\n'
+
+
+def test_atomic_files_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    import os
+    import stat
+
+    from masc_llamagen.utils.io import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        p = atomic_write_text(tmp_path / "r.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o640

@@ -1,14 +1,20 @@
 """MASC: the codebook's average-linkage tree, its cuts, and the baseline mappings behind the same interface.
 
-Names are loaded on first use, so ``python -m masc_llamagen.masc.tree`` does not import its own module twice.
+Modules, bottom up: ``linkage`` (the algorithm), ``members`` (a mapping's validator and member table), ``tree``
+(the tree file), ``mappings`` (baselines), ``heads`` and ``vocab`` (torch), ``tree_cli`` (the job). Names are
+loaded on first use, so importing the package costs nothing and ``python -m masc_llamagen.masc.tree_cli`` does
+not import its own module twice.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "tree": ("Cut", "Fingerprint", "Tree", "TreeError", "build_tree", "load_codebook", "load_tree",
+    "linkage": ("METHODS", "TreeError", "canonical_labels", "check_k"),
+    "members": ("MemberTable", "cluster_members", "size_summary", "validate_mapping"),
+    "tree": ("Cut", "Fingerprint", "Tree", "build_tree", "codebook_sha256", "load_tree", "save_mapping",
              "verify_fingerprint"),
-    "mappings": ("MAPPING_METHODS", "MemberTable", "build_mapping", "cluster_members", "cluster_sizes"),
+    "mappings": ("MAPPING_METHODS", "build_mapping"),
+    "tree_cli": ("load_codebook",),
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

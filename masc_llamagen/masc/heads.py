@@ -4,7 +4,7 @@ A head is data (a mapping and member probabilities) plus two small functions: ``
 ids the model sees (inputs and targets), ``decode`` turns sampled ids back into fine tokens for the VQ decoder. The
 GPT itself only ever sees ``vocab_size``.
 
-Comparable measurements across heads (masc-method.md section 7):
+Comparable measurements across heads (docs/method.md section 4):
   * ``fine_nll``: the true negative log-likelihood of the fine tokens under model + decoder. For a coarse head
     ``CE_coarse - log p(y | C(y))``; for the flat head the plain CE.
   * ``marginal_coarse_nll``: a flat model's distribution summed over a mapping's clusters,
@@ -18,13 +18,14 @@ codes the tokenizer never produces).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from masc_llamagen.errors import MascError
+from masc_llamagen.masc.members import MemberTable, cluster_members
 
 LN2 = math.log(2.0)
 DECODERS = ("uniform", "frequency")
@@ -48,20 +49,17 @@ class Vocabulary:
     name: str = "flat"
     decoder: str = "uniform"
 
+    table: MemberTable | None = field(default=None, init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         if self.mapping is None:
             return
-        m = self.mapping
-        if m.dim() != 1 or m.numel() != self.codebook_size:
-            raise HeadError(f"mapping has shape {tuple(m.shape)} but the tokenizer has {self.codebook_size} codes; "
-                            "build the mapping from this tokenizer's codebook")
-        k = int(m.max()) + 1 if m.numel() else 0
-        if int(m.min()) < 0 or torch.bincount(m, minlength=k).min() == 0:
-            raise HeadError(f"mapping ids must cover 0..{k - 1} with no empty cluster; rebuild the mapping")
-        # CSR member table: members of cluster c are order[start[c]:start[c+1]], ascending token id.
-        self._order = torch.argsort(m * self.codebook_size + torch.arange(self.codebook_size))
-        sizes = torch.bincount(m, minlength=k)
-        self._start = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        # The one member table (members of a cluster ascending by token id); the torch tables are views of it.
+        self.table = cluster_members(self.mapping.cpu().numpy(), self.codebook_size, source=f"head={self.name} mapping")
+        m = self.mapping = torch.from_numpy(self.table.mapping)
+        self._order = torch.from_numpy(self.table.members)
+        self._start = torch.from_numpy(self.table.offsets)
+        sizes = torch.from_numpy(self.table.sizes)
         lp = self.member_log_prob
         if lp is None:
             lp = -torch.log(sizes[m].double())
@@ -80,7 +78,7 @@ class Vocabulary:
 
     @property
     def k(self) -> int:
-        return self.codebook_size if self.mapping is None else int(self._start.numel() - 1)
+        return self.codebook_size if self.table is None else self.table.k
 
     @property
     def vocab_size(self) -> int:
@@ -90,12 +88,7 @@ class Vocabulary:
     def sizes(self) -> torch.Tensor:
         if self.is_flat:
             return torch.ones(self.codebook_size, dtype=torch.long)
-        return self._start[1:] - self._start[:-1]
-
-    def members(self, c: int) -> torch.Tensor:
-        if self.is_flat:
-            return torch.tensor([c])
-        return self._order[self._start[c] : self._start[c + 1]]
+        return torch.from_numpy(self.table.sizes)
 
     # -- the two functions ----------------------------------------------------------------------------------
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -178,23 +171,21 @@ def marginal_coarse_nll(flat_logits: torch.Tensor, fine_targets: torch.Tensor, m
     return -log_coarse.gather(-1, target.unsqueeze(-1)).squeeze(-1).to(flat_logits.dtype)
 
 
-def member_log_probs(mapping: np.ndarray | torch.Tensor, decoder: str, counts=None,
-                     smoothing: float = 1.0) -> torch.Tensor:
+def member_log_probs(table: MemberTable, decoder: str, counts=None, smoothing: float = 1.0) -> torch.Tensor:
     """``log p(t | C(t))`` (N,) float64 for a decoder; ``counts`` (N,) are token counts in the training codes."""
-    m = torch.as_tensor(np.asarray(mapping), dtype=torch.long)
     if decoder not in DECODERS:
         raise HeadError(f"unknown member decoder {decoder!r}; choose one of {DECODERS}")
-    k = int(m.max()) + 1
+    m = torch.from_numpy(table.mapping)
+    size = torch.from_numpy(table.sizes).double()
     if decoder == "uniform":
-        return -torch.log(torch.bincount(m, minlength=k)[m].double())
+        return -torch.log(size[m])
     if counts is None:
         raise HeadError("the frequency decoder needs token counts from the training codes (CodeDataset.code_counts())")
     c = torch.as_tensor(np.asarray(counts), dtype=torch.float64)
     if c.shape != m.shape or bool((c < 0).any()):
         raise HeadError(f"counts have shape {tuple(c.shape)} (need {tuple(m.shape)}, non-negative)")
     w = c + smoothing
-    total = torch.zeros(k, dtype=torch.float64).index_add_(0, m, w)
-    size = torch.bincount(m, minlength=k).double()
+    total = torch.zeros(table.k, dtype=torch.float64).index_add_(0, m, w)
     # A cluster whose members were never seen and no smoothing: fall back to uniform rather than 0/0.
     empty = total[m] == 0
     p = torch.where(empty, 1.0 / size[m], w / total[m].clamp_min(1e-300))
@@ -209,12 +200,10 @@ def build_vocabulary(name: str, codebook_size: int, mapping=None, decoder: str =
         return Vocabulary(codebook_size=codebook_size, name="flat")
     if mapping is None:
         raise HeadError(f"head={name} needs a token->cluster mapping")
-    m = torch.as_tensor(np.asarray(mapping), dtype=torch.long)
-    if m.numel() != codebook_size:
-        raise HeadError(f"mapping has {m.numel()} entries but the tokenizer has {codebook_size} codes; "
-                        "build the mapping from this tokenizer's codebook")
-    lp = member_log_probs(m, decoder, counts, smoothing)
-    return Vocabulary(codebook_size=codebook_size, mapping=m, member_log_prob=lp, name=name, decoder=decoder)
+    table = cluster_members(np.asarray(mapping), codebook_size, source=f"head={name} mapping")
+    lp = member_log_probs(table, decoder, counts, smoothing)
+    return Vocabulary(codebook_size=codebook_size, mapping=torch.from_numpy(table.mapping), member_log_prob=lp,
+                      name=name, decoder=decoder)
 
 
 def bits(nats: torch.Tensor | float) -> torch.Tensor | float:

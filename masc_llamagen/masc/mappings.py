@@ -1,7 +1,7 @@
 """Token -> cluster mappings behind one interface: MASC's tree and the baselines of the paper's ablations.
 
 Every mapping is an (N,) int64 array in [0, k) with every cluster non-empty and cluster ids ordered by each
-cluster's smallest token id (tree.canonical_labels), whatever produced it, so two methods that find the same
+cluster's smallest token id (linkage.canonical_labels), whatever produced it, so two methods that find the same
 partition give the same array, and a mapping file says nothing about how it was made.
 
 Methods (``build_mapping``):
@@ -15,96 +15,15 @@ Methods (``build_mapping``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .tree import METHODS as LINKAGES
-from .tree import TreeError, as_codebook, build_tree, canonical_labels, check_k, prepare_points
+from masc_llamagen.masc.linkage import METHODS as LINKAGES
+from masc_llamagen.masc.linkage import TreeError, as_codebook, canonical_labels, check_k, prepare_points
+from masc_llamagen.masc.tree import build_tree
 
 MAPPING_METHODS = ("masc", *LINKAGES, "kmeans", "balanced_kmeans", "random")
-
-
-# ------------------------------------------------------------------------------------- members, frequencies
-
-
-def validate_mapping(mapping: Any, n: int, k: int | None = None, source: str = "mapping") -> np.ndarray:
-    """(N,) int64 copy of ``mapping``, or a TreeError naming the mismatch (length vs N, ids vs k, empties)."""
-    m = np.asarray(mapping)
-    if m.ndim != 1 or m.shape[0] != n:
-        raise TreeError(f"{source} has shape {tuple(m.shape)} but the codebook has N={n} tokens; it was made for "
-                        "another tokenizer: cut the tree of this tokenizer's codebook")
-    if m.dtype.kind not in "iu":
-        raise TreeError(f"{source} has dtype {m.dtype}; expected integer cluster ids (int64)")
-    m = m.astype(np.int64)
-    if n == 0:
-        return m
-    top = int(m.max()) + 1
-    k = top if k is None else int(k)
-    if int(m.min()) < 0 or top > k:
-        raise TreeError(f"{source} has ids in [{int(m.min())}, {top - 1}] but k={k} needs ids in [0, {k - 1}]; "
-                        "use the mapping cut at this k")
-    empty = np.flatnonzero(np.bincount(m, minlength=k) == 0)
-    if empty.size:
-        raise TreeError(f"{source} leaves {empty.size} of k={k} clusters empty (e.g. {int(empty[0])}); "
-                        "every cluster needs a member: rebuild the mapping")
-    return m
-
-
-def cluster_sizes(mapping: Any, k: int) -> np.ndarray:
-    m = np.asarray(mapping, dtype=np.int64)
-    return np.bincount(m, minlength=int(k)).astype(np.int64)
-
-
-@dataclass(frozen=True)
-class MemberTable:
-    """CSR member table: the members of cluster c are ``members[offsets[c]:offsets[c + 1]]``, ascending."""
-
-    members: np.ndarray
-    offsets: np.ndarray
-
-    @property
-    def k(self) -> int:
-        return int(self.offsets.size - 1)
-
-    @property
-    def sizes(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def __len__(self) -> int:
-        return self.k
-
-    def __getitem__(self, c: int) -> np.ndarray:
-        return self.members[self.offsets[c] : self.offsets[c + 1]]
-
-    def padded(self, fill: int = -1) -> np.ndarray:
-        """(k, max size) table padded with ``fill``: one gather per cluster on an accelerator."""
-        sizes = self.sizes
-        out = np.full((self.k, int(sizes.max()) if sizes.size else 0), fill, dtype=np.int64)
-        cols = np.arange(self.members.size) - np.repeat(self.offsets[:-1], sizes)
-        out[np.repeat(np.arange(self.k), sizes), cols] = self.members
-        return out
-
-
-def cluster_members(mapping: Any, k: int) -> MemberTable:
-    m = validate_mapping(mapping, np.asarray(mapping).shape[0], k)
-    order = np.argsort(m, kind="stable")  # stable: token ids ascend within each cluster
-    offsets = np.zeros(int(k) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(m, minlength=int(k)), out=offsets[1:])
-    return MemberTable(order.astype(np.int64), offsets)
-
-
-def inertia(points: np.ndarray, mapping: np.ndarray) -> float:
-    """Sum of squared distances to cluster means: the k-means objective, to compare mappings."""
-    x = np.asarray(points, dtype=np.float64)
-    m = np.asarray(mapping, dtype=np.int64)
-    k = int(m.max()) + 1
-    cnt = np.bincount(m, minlength=k).astype(np.float64)
-    cent = np.zeros((k, x.shape[1]))
-    np.add.at(cent, m, x)
-    cent /= np.maximum(cnt, 1)[:, None]
-    return float(((x - cent[m]) ** 2).sum())
 
 
 # ------------------------------------------------------------------------------------------------ baselines

@@ -3,21 +3,43 @@
 Encode real images, replace every token by a random member of its cluster, decode, and compare with the plain
 reconstruction (PSNR/SSIM). A mapping whose clusters hold interchangeable tokens degrades the image little.
 
-    python -m masc_llamagen.masc.replacement TOKENIZER --k 512 [--methods masc,kmeans,random] [--images 500]
+    python -m masc_llamagen.masc.replacement tokenizer=TOKENIZER k=512 [methods=[masc,kmeans,random]] [images=500]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+from dataclasses import dataclass, field
 
+import hydra
 import numpy as np
 import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
+from masc_llamagen.errors import ConfigError, user_errors
 from masc_llamagen.masc.heads import build_vocabulary
+from masc_llamagen.masc.mappings import MAPPING_METHODS, build_mapping
 from masc_llamagen.tokenizer.metrics import DATA_RANGE, images_to_uint8, ssim
+from masc_llamagen.utils.io import atomic_write_json
+
+
+@dataclass
+class ReplacementJob:
+    tokenizer: str | None = None  # the VQ checkpoint (required)
+    k: int | None = None  # clusters of every mapping (required)
+    methods: list[str] = field(default_factory=lambda: ["masc", "kmeans", "random"])  # any of MAPPING_METHODS
+    dataset: str = "fashion_mnist"  # images from its held-out split
+    images: int = 500
+    seed: int = 0
+    arch: str | None = None  # VQ config name for tokenizer files without one (e.g. VQ-16)
+    out: str | None = None  # also write the results as JSON here
+
+
+ConfigStore.instance().store(name="base_masc_replacement", node=ReplacementJob)
+ConfigStore.instance().store(name="masc_replacement", node={
+    "defaults": ["base_masc_replacement", "_self_", {"override hydra/job_logging": "none"},
+                 {"override hydra/hydra_logging": "none"}],
+    "hydra": {"run": {"dir": "."}, "output_subdir": None}})  # a job that writes only the file it is given
 
 
 @torch.no_grad()
@@ -47,15 +69,15 @@ def replacement_scores(vq, images: torch.Tensor, mapping: np.ndarray, seed: int 
             "tokens_changed": changed / n_tokens}
 
 
-def compare(tokenizer: str, k: int, methods: list[str], dataset: str = "fashion_mnist", split: str | None = None,
-            n_images: int = 500, seed: int = 0, tokenizer_arch: str | None = None) -> dict:
+def compare(tokenizer: str, k: int, methods: list[str], dataset: str = "fashion_mnist", n_images: int = 500,
+            seed: int = 0, tokenizer_arch: str | None = None) -> dict:
+    """Every method's mapping of the tokenizer's codebook at k, scored on the dataset's held-out images."""
     from masc_llamagen.checkpoint import load_vq
     from masc_llamagen.data.images import build_image_dataset, heldout_split
-    from masc_llamagen.masc.mappings import build_mapping
 
     vq = load_vq(tokenizer, tokenizer_arch)
     codebook = vq.quantize.embedding.weight.detach().float().numpy()
-    ds = build_image_dataset(dataset, split or heldout_split(dataset))
+    ds = build_image_dataset(dataset, heldout_split(dataset))
     images = torch.stack([ds[i][0] for i in range(min(n_images, len(ds)))])
     out = {}
     for m in methods:
@@ -66,29 +88,32 @@ def compare(tokenizer: str, k: int, methods: list[str], dataset: str = "fashion_
             "dataset": dataset, "results": out}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m masc_llamagen.masc.replacement", description=__doc__.splitlines()[0])
-    ap.add_argument("tokenizer")
-    ap.add_argument("--k", type=int, required=True)
-    ap.add_argument("--methods", default="masc,kmeans,random")
-    ap.add_argument("--dataset", default="fashion_mnist")
-    ap.add_argument("--images", type=int, default=500)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--arch", default=None, help="VQ config name for tokenizer files without one (e.g. VQ-16)")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args(argv)
-    res = compare(args.tokenizer, args.k, args.methods.split(","), args.dataset, None, args.images, args.seed,
-                  args.arch)
+def run(job: ReplacementJob) -> dict:
+    """Check the job, score every mapping, print the table (and write the JSON)."""
+    if job.tokenizer is None or job.k is None:
+        raise ConfigError("the replacement test needs tokenizer=PATH and k=K (clusters of every mapping)")
+    unknown = [m for m in job.methods if m not in MAPPING_METHODS]
+    if unknown or not job.methods:
+        raise ConfigError(f"methods={list(job.methods)}: choose one or more of {', '.join(MAPPING_METHODS)}")
+    if job.images < 1:
+        raise ConfigError(f"images={job.images} must be >= 1")
+    res = compare(job.tokenizer, job.k, list(job.methods), job.dataset, job.images, job.seed, job.arch)
     print(f"semantic replacement on {res['images']} {res['dataset']} images, N={res['n']}, k={res['k']}")
     print("| mapping | PSNR vs recon (dB) | SSIM | tokens changed | largest cluster | singletons |")
     print("|---|---|---|---|---|---|")
     for m, r in res["results"].items():
         print(f"| {m} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['tokens_changed']:.1%} | {r['max_cluster']} | "
               f"{r['singletons']} |")
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=2))
-    return 0
+    if job.out:
+        atomic_write_json(job.out, res)
+    return res
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name="masc_replacement")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        run(OmegaConf.to_object(cfg))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

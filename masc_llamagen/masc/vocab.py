@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 
 from masc_llamagen.masc.heads import HeadError, Vocabulary, build_vocabulary
-from masc_llamagen.masc.mappings import LINKAGES, MAPPING_METHODS, build_mapping, validate_mapping
-from masc_llamagen.masc.tree import build_tree, check_k, codebook_sha256, load_tree, save_mapping, save_tree
+from masc_llamagen.masc.linkage import check_k
+from masc_llamagen.masc.mappings import LINKAGES, MAPPING_METHODS, build_mapping
+from masc_llamagen.masc.members import validate_mapping
+from masc_llamagen.masc.tree import build_tree, codebook_sha256, load_tree, save_mapping, verify_fingerprint
 
 HEADS = ("flat", *MAPPING_METHODS)
 
@@ -22,7 +24,7 @@ def tree_for(codebook: np.ndarray, method: str, normalize: bool, tree_path: str 
     """Load (and verify) or build-and-cache the dendrogram of ``codebook``."""
     if tree_path:
         tree = load_tree(tree_path)
-        tree.check_codebook(codebook, source="the tokenizer in use")
+        verify_fingerprint(tree.fingerprint, codebook, source="the tokenizer in use")
         if tree.method != method or tree.normalized != normalize:
             raise HeadError(f"tree {tree_path} was built with method={tree.method}, normalize={tree.normalized} but "
                             f"the head asks for method={method}, normalize={normalize}; rebuild or change the head")
@@ -31,10 +33,10 @@ def tree_for(codebook: np.ndarray, method: str, normalize: bool, tree_path: str 
     path = Path(cache_dir) / f"tree-{method}-{'l2' if normalize else 'raw'}-{sha}.npz"
     if path.is_file():
         tree = load_tree(path)
-        tree.check_codebook(codebook, source="the tokenizer in use")
+        verify_fingerprint(tree.fingerprint, codebook, source="the tokenizer in use")
         return tree
     tree = build_tree(codebook, normalize=normalize, method=method)
-    save_tree(tree, path)
+    tree.save(path)
     return tree
 
 
