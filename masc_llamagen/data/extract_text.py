@@ -1,12 +1,12 @@
-"""Caption features as a job: ``python -m masc_llamagen.text.extract codes=DIR out=DIR [encoder=... path=...]``.
+"""Caption features as a job: ``python -m masc_llamagen.data.extract_text codes=DIR out=DIR [encoder=... path=...]``.
 
 Encodes the captions of a t2i code directory (``captions.jsonl``, in item order) or of a text file (``captions=FILE``,
 one caption a line) into a packed store that training reads (``text.features``). Resumable and skip-if-done;
 under ``torchrun --nproc_per_node N`` each rank encodes its own contiguous share and rank 0 joins them.
 
-    python -m masc_llamagen.text.extract codes=artifacts/codes/twemoji_emoji_vq_tiny/train \
+    python -m masc_llamagen.data.extract_text codes=artifacts/codes/twemoji_emoji_vq_tiny/train \
         out=artifacts/text/twemoji_wordllama/train
-    torchrun --nproc_per_node 8 -m masc_llamagen.text.extract codes=... out=... encoder=flan_t5_xl \
+    torchrun --nproc_per_node 8 -m masc_llamagen.data.extract_text codes=... out=... encoder=flan_t5_xl \
         path=/models/flan-t5-xl
 """
 

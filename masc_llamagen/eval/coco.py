@@ -1,5 +1,5 @@
 """COCO-30k text-to-image protocol: FID as clean-fid computes it (``mode="clean"``) and, when CLIP weights are at hand,
-the CLIP score; plus the prompt lists the protocols sample from (:func:`load_prompts`).
+the CLIP score. The prompt lists it samples from are in :mod:`masc_llamagen.data.prompts`.
 
 The protocol (LlamaGen's / GigaGAN's): one image per caption of the 30,000 COCO-2014-val captions, scored against ALL
 images of the user's ``val2014/`` folder. Every image on both sides is read as RGB (grayscale and CMYK JPEGs are
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from masc_llamagen.data.prompts import read_lines
 from masc_llamagen.eval.coco_images import EVAL_RESOLUTION, center_crop_lanczos, read_rgb
 from masc_llamagen.eval.inception import (
     load_inception,
@@ -57,56 +58,6 @@ INCEPTION_INPUT = 299
 # JPG JPEG PNG, recursively; hidden files and folders are skipped as glob skips them).
 IMAGE_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 SMALL_FID = 1 << 24  # n1 * n2 up to this: the nuclear-norm identity (exact, fast); above: clean-fid's sqrtm
-
-PROMPT_FILES = {
-    "coco": "coco_captions.txt",
-    "coco30k": "coco_captions.txt",
-    "coco_captions": "coco_captions.txt",
-    "parti": "partiprompts.txt",
-    "partiprompts": "partiprompts.txt",
-}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Prompt lists
-# ---------------------------------------------------------------------------------------------------------------
-def read_lines(path: str | os.PathLike) -> list[str]:
-    """The lines of a UTF-8 text file exactly as written: no quoting, no stripping beyond the line ending itself
-    (``\\n`` or ``\\r\\n``); a final newline does not add an empty line."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise EvalError(f"{p}: not UTF-8 text ({_first_line(e)}); save the prompts as UTF-8, one per line") from None
-    except OSError as e:
-        raise EvalError(f"{p}: cannot read ({e.strerror or e})") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
-
-
-def prompts_path(name: str) -> Path:
-    """Where a shipped prompt list lies (``coco``/``coco30k``: 30,000 COCO captions; ``parti``: 1,632 PartiPrompts)."""
-    fname = PROMPT_FILES[name.lower()]
-    return Path(str(importlib.resources.files("masc_llamagen").joinpath("assets", "prompts", fname)))
-
-
-def load_prompts(name_or_path: str | os.PathLike) -> list[str]:
-    """Prompts, one per line: a shipped list by name (``coco``, ``coco30k``, ``parti``, ``partiprompts``) or any UTF-8
-    text file with one prompt a line. Lines are returned as they are (a leading double quote stays)."""
-    if isinstance(name_or_path, str) and name_or_path.lower() in PROMPT_FILES:
-        path = prompts_path(name_or_path)
-        if not path.is_file():
-            raise EvalError(f"{path}: the shipped prompt list is missing from this install; reinstall masc-llamagen "
-                            "(its package data includes masc_llamagen/assets/prompts/*.txt)")
-        return read_lines(path)
-    path = Path(name_or_path).expanduser()
-    if not path.is_file():
-        raise EvalError(f"{path}: no such prompt file; pass a text file with one prompt a line, or one of "
-                        f"{', '.join(sorted(PROMPT_FILES))}")
-    return read_lines(path)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Images: listing, the protocol's crop/resize, clean-fid's input

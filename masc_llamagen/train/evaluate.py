@@ -87,7 +87,8 @@ class TrainingSampler:
         sampler writes them and scored by the COCO protocol (clean-fid FID, CLIP score with weights)."""
         from PIL import Image
 
-        from masc_llamagen.eval.coco import evaluate_coco30k, load_prompts
+        from masc_llamagen.data.prompts import load_prompts
+        from masc_llamagen.eval.coco import evaluate_coco30k
         from masc_llamagen.text import build_text_encoder
 
         t, device = self.cfg.train, model.output.weight.device
