@@ -57,6 +57,7 @@ from masc_llamagen.data.codes import (
 from masc_llamagen.data.images import ImageFolderDataset, build_image_dataset, center_crop_pil, pil_to_tensor
 from masc_llamagen.utils.devices import pick_device
 from masc_llamagen.utils.io import atomic_directory, atomic_savez, atomic_write_json
+from masc_llamagen.utils.provenance import codebook_sha256
 
 DEFAULT_CROP_RANGES = (1.1, 1.05)  # LlamaGen's two extraction passes
 DEFAULT_CHUNK_SIZE = 4096
@@ -66,8 +67,6 @@ JOB_FILE = "job.json"
 
 def tokenizer_fingerprint(vq: torch.nn.Module) -> str:
     """sha256 of the raw codebook (float32 bytes): codes are only meaningful with the codebook that made them."""
-    from masc_llamagen.masc.tree import codebook_sha256
-
     return codebook_sha256(vq.quantize.embedding.weight.detach().to("cpu", torch.float32).numpy())
 
 

@@ -6,7 +6,6 @@ another tokenizer. The file is an .npz without pickles, byte-identical for ident
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from masc_llamagen.masc.linkage import (
     prepare_points,
     validate_linkage,
 )
+from masc_llamagen.utils import provenance
 from masc_llamagen.utils.io import atomic_open
 
 FORMAT = "masc-tree"
@@ -43,7 +43,7 @@ def first_line(e: BaseException) -> str:
 
 
 def codebook_sha256(codebook: Any) -> str:
-    return hashlib.sha256(as_codebook(codebook).tobytes()).hexdigest()
+    return provenance.codebook_sha256(as_codebook(codebook))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ evaluations and benchmarks, so any number can be traced to the code and hardware
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -37,6 +38,14 @@ def short_revision(cwd: Path | None = REPO) -> str:
     if not g["revision"]:
         return "unknown"
     return g["revision"][:7] + ("+uncommitted changes" if g["dirty"] else "")
+
+
+def codebook_sha256(codebook) -> str:
+    """sha256 of a codebook's float32 C-order bytes: the identity of a tokenizer, recorded by the codes, trees and
+    checkpoints made with it, so that artifacts of different tokenizers are never mixed."""
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(codebook, dtype=np.float32).tobytes()).hexdigest()
 
 
 def package_versions() -> dict:
