@@ -704,7 +704,7 @@ def wall_time_lines(plan, summary: dict, results: list[dict], groups: dict, info
     return lines
 
 
-def write_report(plan, root: Path, out: Path, speed: dict, command: str, n_replacement: int) -> Path:
+def write_benchmarks_md(plan, root: Path, out: Path, speed: dict, command: str, n_replacement: int) -> Path:
     info = json.loads((root / "run-info.json").read_text()) if (root / "run-info.json").is_file() else {}
     summary_p = root / "convergence.json"
     summary = json.loads(summary_p.read_text()) if summary_p.is_file() else {}
@@ -904,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
         convergence.run_plan(plan, root, args.workers, started=started, deadline=not args.no_deadline)
         info = json.loads(info_p.read_text())
         info_p.write_text(json.dumps(info | {"total_s": round(time.perf_counter() - t0, 1)}))
-    path = write_report(plan, root, out, speed, command, n_replacement=250 if args.quick else 1000)
+    path = write_benchmarks_md(plan, root, out, speed, command, n_replacement=250 if args.quick else 1000)
     print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

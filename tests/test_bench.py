@@ -330,7 +330,7 @@ def test_report_renders_from_run_jsons(tmp_path, monkeypatch):
         p.write_text(json.dumps(r))
     monkeypatch.setattr(bench_run, "cluster_table", lambda plan, root, n: ("(clusters)", {}))
     monkeypatch.setattr(convergence, "estimate", lambda plan, workers=2, **k: {"total_s": 3600.0})
-    path = bench_run.write_report(plan, tmp_path, tmp_path / "out", {}, "make bench", 10)
+    path = bench_run.write_benchmarks_md(plan, tmp_path, tmp_path / "out", {}, "make bench", 10)
     md = path.read_text()
     for section in ("### Headline", "### FID vs training steps", "### Has flat's FID curve flattened?",
                     "### Acceleration curve", "### FID-vs-step area ratio", "### Held-out diagnostics"):
