@@ -430,16 +430,12 @@ def train_overrides(plan: Plan, arm: Arm, seed: int, root: Path) -> list[str]:
 def compose(overrides: list[str], run_dir: Path):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from omegaconf import open_dict
 
     from masc_llamagen.config import register
 
     register()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs")):
-        cfg = hydra_compose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run_dir)
-    return cfg
+        return hydra_compose("train", overrides=[*overrides, f"paths.output_dir={run_dir}"])
 
 
 def tokenizer_cfg(tok: Tokenizer, root: Path):

@@ -12,19 +12,22 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from masc_llamagen.models.gpt import GPTConfig
+
 
 @dataclass
 class ModelSchema:
-    """Architecture only; vocabulary comes from the head, grid and classes from the data."""
+    """Architecture only; vocabulary comes from the head, grid and classes from the data. Dropouts default to the
+    model's own (upstream's ``ModelArgs``), so the two cannot drift apart."""
 
     arch: str = MISSING  # a masc_llamagen.models.gpt.GPT_CONFIGS name
     model_type: str = "c2i"  # c2i (class ids) | t2i (caption features; task=t2i sets it)
     cls_token_num: int | None = None  # condition slots; null: 1 for c2i, 120 for t2i (LlamaGen's)
-    token_dropout_p: float = 0.1
-    resid_dropout_p: float = 0.1
-    ffn_dropout_p: float = 0.1
-    attn_dropout_p: float = 0.0
-    class_dropout_prob: float = 0.1
+    token_dropout_p: float = GPTConfig.token_dropout_p
+    resid_dropout_p: float = GPTConfig.resid_dropout_p
+    ffn_dropout_p: float = GPTConfig.ffn_dropout_p
+    attn_dropout_p: float = GPTConfig.attn_dropout_p
+    class_dropout_prob: float = GPTConfig.class_dropout_prob
 
 
 @dataclass
@@ -37,7 +40,7 @@ class HeadSchema:
     seed: int = 0  # k-means / random mapping seed
     tree: str | None = None  # a built tree (.npz); default: built once from the tokenizer and cached
     # head=flat only: also log the flat model's CE marginalised onto the MASC clusters at this k, to compare a flat
-    # model with a coarse head on the coarse task itself (masc-method.md section 7b)
+    # model with a coarse head on the coarse task itself (docs/method.md section 4)
     compare_k: int | None = None
 
 
@@ -52,7 +55,7 @@ class TokenizerSchema:
 class DataSchema:
     name: str = MISSING  # image dataset the codes come from (fashion_mnist, imagefolder, twemoji)
     codes: str = MISSING  # packed code directory (codes.npy, labels.npy, meta.json)
-    image_size: int = 32
+    image_size: int = MISSING  # a property of the dataset: each data option sets it
     root: str | None = None  # image root for imagefolder datasets
     augment: bool = True  # draw one stored augmentation variant per sample
     num_workers: int = 0
@@ -60,12 +63,15 @@ class DataSchema:
 
 @dataclass
 class TextSchema:
-    """Caption features for task=t2i: extracted once (``python -m masc_llamagen.text.extract``), read by training."""
+    """Caption features for task=t2i: extracted once (``python -m masc_llamagen.data.extract_text``), read by
+    training."""
 
     encoder: str = "wordllama"  # wordllama (offline default: contextless per-token embeddings) | flan_t5_xl
     path: str | None = None  # local model directory (flan_t5_xl); wordllama ships in its package
-    features: str | None = None  # packed features of the training captions
-    heldout_features: str | None = None  # packed features of the held-out captions (in-training FID, grids)
+    # packed features of the training / held-out (in-training FID, grids) captions; default: where the extraction job
+    # writes them for this dataset and encoder
+    features: str | None = "${paths.artifacts}/text/${data.name}_${text.encoder}/train"
+    heldout_features: str | None = "${paths.artifacts}/text/${data.name}_${text.encoder}/heldout"
     # Reuse features LlamaGen already extracted: text.features={t5_root} holding {jsonl stem}/{line}.npy, read in the
     # order of this jsonl (the codes must come from the same jsonl: data.name=llamagen_jsonl)
     llamagen_jsonl: str | None = None
@@ -131,7 +137,9 @@ class PathsSchema:
     data: str = "data"
     artifacts: str = "artifacts"
     runs: str = "runs"
-    output_dir: str = "."
+    # This run's directory. Configs composed in code run under runs/NAME unless they pass paths.output_dir=DIR;
+    # `python train.py` sets it to Hydra's run directory (runs/NAME/<hash of the overrides>, configs/hydra/).
+    output_dir: str = "${paths.runs}/${name}"
 
 
 @dataclass

@@ -8,7 +8,7 @@ raises ``SampleConfigError`` with one line naming the option and the fix, before
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -29,26 +29,24 @@ class SampleConfigError(ConfigError, SamplingError):
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(SamplingConfig):
+    """The generator's settings (``SamplingConfig``: cfg_interval, temperature, top_k, top_p, greedy and their
+    defaults, checked on construction) plus what to load and where to write."""
+
+    cfg_scale: float = 2.0  # the CLI samples guided; the generator's own default (1.0) is no guidance
     checkpoint: str = MISSING  # a training checkpoint (EMA weights used by default)
     use_ema: bool = True
     vq_checkpoint: str | None = None  # default: the tokenizer recorded in the training checkpoint
     vq_arch: str | None = None  # registry config for tokenizer files that carry none (e.g. VQ-16)
     num_samples: int | None = None  # c2i: images to write (null: 100); t2i: the first N prompts (null: all)
-    labels: str = "balanced"  # balanced | random
+    labels: str = "balanced"  # balanced (equal per class, in class order) | random
     batch_size: int = 50
     seed: int = 0
-    cfg_scale: float = 2.0
-    cfg_interval: int = -1
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    greedy: bool = False  # argmax decoding (temperature then only matters through top_p)
     decoder: str | None = None  # member decoder for coarse heads: null = as trained, or uniform | frequency
-    smoothing: float = 1.0
+    smoothing: float = 1.0  # add-alpha on code counts for the frequency decoder
     dtype: str = "float32"  # float32 | bfloat16
-    png: bool = True
-    out_dir: str | None = None
+    png: bool = True  # also write one PNG per sample
+    out_dir: str | None = None  # default: <run dir>/samples/<checkpoint stem>-cfg<scale>-<decoder>
     # Resize the decoded images to this side before writing (bicubic, as LlamaGen scores its 384-px models at 256);
     # null: the tokenizer's resolution
     image_size_eval: int | None = None
@@ -59,10 +57,8 @@ class SampleConfig:
 
     @property
     def sampling(self) -> SamplingConfig:
-        """The generator's settings (its own checks raise ``SamplingError`` naming the option)."""
-        return SamplingConfig(cfg_scale=float(self.cfg_scale), cfg_interval=int(self.cfg_interval),
-                              temperature=float(self.temperature), top_k=int(self.top_k), top_p=float(self.top_p),
-                              greedy=bool(self.greedy))
+        """The generator's settings alone (its checks raise ``SamplingError`` naming the option)."""
+        return SamplingConfig(**{f.name: getattr(self, f.name) for f in fields(SamplingConfig)})
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -93,6 +89,8 @@ def validate(cfg: DictConfig | SampleConfig) -> SampleConfig:
             cfg = OmegaConf.to_object(merged)
         except OmegaConfBaseException as e:
             raise SampleConfigError(str(e).strip().splitlines()[0]) from None
+        except SamplingError as e:  # SamplingConfig's own checks, run on construction
+            raise SampleConfigError(str(e)) from None
     if cfg.num_samples is not None and cfg.num_samples < 1:
         raise SampleConfigError(f"num_samples={cfg.num_samples} must be >= 1: it is the number of images to write")
     if cfg.batch_size < 1:
@@ -110,7 +108,7 @@ def validate(cfg: DictConfig | SampleConfig) -> SampleConfig:
     if not cfg.smoothing >= 0:
         raise SampleConfigError(f"smoothing={cfg.smoothing} must be >= 0: add-alpha for the frequency decoder")
     try:
-        cfg.sampling  # noqa: B018 - SamplingConfig checks cfg_scale, cfg_interval, temperature, top_k, top_p
+        cfg.sampling  # noqa: B018 - re-checks an instance changed since construction
     except SamplingError as e:
         raise SampleConfigError(str(e)) from None
     _check_file("checkpoint", cfg.checkpoint)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Multi-node training on SLURM that resumes itself after pre-emption or the time limit.
 #
-#   sbatch --nodes 2 scripts/slurm_train.sh experiment=paper_xl_masc
+#   sbatch --nodes 2 scripts/slurm_train.sh experiment=paper model=llamagen_xl head=masc
 #
 # Every node runs one `accelerate launch` with 8 processes. The run directory is derived from the overrides (no
 # timestamps), so the requeued job finds its own checkpoints and continues at the exact step (train.resume=true).

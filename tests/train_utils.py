@@ -42,12 +42,12 @@ def make_assets(root: Path, codebook_size: int = 64, images: int = 96, grid: int
 def compose_cfg(root: Path, assets: dict, overrides: list[str] = (), run: str = "run"):
     register()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        cfg = compose("train", overrides=["model=gpt_nano", "train=cpu", "logger=none", *overrides])
+        cfg = compose("train", overrides=["model=gpt_nano", "train=cpu", "logger=none",
+                                          f"paths.output_dir={root / run}", *overrides])
     with open_dict(cfg):
         cfg.tokenizer.checkpoint = str(assets["tokenizer"])
         cfg.data.codes = str(assets["codes"])
         cfg.paths.root = str(root)
         cfg.paths.artifacts = str(root / "artifacts")
         cfg.paths.runs = str(root / "runs")
-        cfg.paths.output_dir = str(root / run)
     return cfg
