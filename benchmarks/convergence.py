@@ -551,7 +551,7 @@ def coarse_mappings(plan: Plan, tokenizer: str, root: Path) -> dict:
     """label -> (N,) mapping of every coarse arm on this tokenizer (built once, cached under artifacts/trees)."""
     from masc_llamagen.data.codes import CodeDataset
     from masc_llamagen.masc.vocab import vocabulary_from_config
-    from masc_llamagen.train.loop import tokenizer_codebook
+    from masc_llamagen.train.build import tokenizer_codebook
 
     out = {}
     for arm in plan.arms:
@@ -675,15 +675,12 @@ def evaluate_checkpoint(plan: Plan, cfg, ck: Path, mappings: dict, seed: int, ro
     import numpy as np
     import torch
 
-    from masc_llamagen.checkpoint import load_gpt, load_vq
+    from masc_llamagen.checkpoint import TrainingCheckpoint, load_gpt, load_vq
     from masc_llamagen.eval.fid import frechet_distance
     from masc_llamagen.eval.likelihood import heldout_diagnostics
     from masc_llamagen.models.sampling import SamplingConfig, generate
     from masc_llamagen.report import class_grid
-    from masc_llamagen.sample import head_from_checkpoint
-    from masc_llamagen.train.checkpointing import load_training_checkpoint
-
-    state = load_training_checkpoint(ck)
+    state = TrainingCheckpoint.load(ck)
     model = load_gpt(ck, prefer_ema=True).eval()
     vq = load_vq(cfg.tokenizer.checkpoint).eval()
     out: dict = {"checkpoint": str(ck)}
@@ -691,7 +688,7 @@ def evaluate_checkpoint(plan: Plan, cfg, ck: Path, mappings: dict, seed: int, ro
     # held-out diagnostics -----------------------------------------------------------------------------------------
     z = np.load(heldout_codes(cfg, plan.heldout_codes, root))
     codes, labels = torch.from_numpy(z["codes"].astype(np.int64)), torch.from_numpy(z["labels"].astype(np.int64))
-    vocabs = {d: head_from_checkpoint(state, d, cfg.head.smoothing) for d in ("uniform", "frequency")}
+    vocabs = {d: state.vocabulary(d, cfg.head.smoothing) for d in ("uniform", "frequency")}
     voc = vocabs["uniform"]
     out["heldout"] = heldout_diagnostics(model, vocabs, codes, labels, mappings)
 
@@ -725,13 +722,10 @@ def score_decoder(plan: Plan, cfg, ck: Path, decoder: str, seed: int, ids_path: 
     import numpy as np
     import torch
 
-    from masc_llamagen.checkpoint import load_vq
+    from masc_llamagen.checkpoint import TrainingCheckpoint, load_vq
     from masc_llamagen.eval.fid import frechet_distance
-    from masc_llamagen.sample import head_from_checkpoint
-    from masc_llamagen.train.checkpointing import load_training_checkpoint
 
-    state = load_training_checkpoint(ck)
-    voc = head_from_checkpoint(state, decoder, cfg.head.smoothing)
+    voc = TrainingCheckpoint.load(ck).vocabulary(decoder, cfg.head.smoothing)
     vq = load_vq(cfg.tokenizer.checkpoint).eval()
     with np.load(ids_path) as z:
         ids = torch.from_numpy(z["ids"].astype(np.int64))

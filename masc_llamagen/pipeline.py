@@ -183,9 +183,9 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
     # 3. tree ------------------------------------------------------------------------------------------------
     def tree(force_it):
         from masc_llamagen.data.codes import CodeDataset
-        from masc_llamagen.masc.tree import size_summary
+        from masc_llamagen.masc import size_summary
         from masc_llamagen.masc.vocab import vocabulary_from_config
-        from masc_llamagen.train.loop import tokenizer_codebook
+        from masc_llamagen.train.build import tokenizer_codebook
 
         codebook = tokenizer_codebook(cfg)
         voc, info = vocabulary_from_config(cfg.head, codebook, CodeDataset(cfg.data.codes).code_counts(),

@@ -27,14 +27,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from masc_llamagen.checkpoint import CheckpointError, load_gpt, load_vq
+from masc_llamagen.checkpoint import CheckpointError, ForSampling, load_for_sampling
 from masc_llamagen.errors import user_errors
-from masc_llamagen.utils.io import fsync_dir
-from masc_llamagen.masc.heads import HeadError, Vocabulary, build_vocabulary
+from masc_llamagen.masc.heads import HeadError, Vocabulary
 from masc_llamagen.models.sampling import SamplingConfig, SamplingError, check_null_class, generate
 from masc_llamagen.sample_config import SampleConfig, SampleConfigError, register, validate
-from masc_llamagen.train.checkpointing import load_training_checkpoint
 from masc_llamagen.utils.images import to_uint8_numpy
+from masc_llamagen.utils.io import fsync_dir
 
 register()  # sample.yaml lists the typed schema (base_sample) first in its defaults
 
@@ -233,17 +232,6 @@ def _heldout(name: str | None) -> str | None:
         return None
 
 
-def head_from_checkpoint(ck: dict, decoder: str | None, smoothing: float) -> Vocabulary:
-    head = ck.get("head")
-    if head is None:
-        raise CheckpointError("checkpoint has no head; was it written by masc_llamagen.train?")
-    if decoder is None or decoder == head["decoder"] or head["name"] == "flat":
-        return Vocabulary.from_state(head)
-    counts = head.get("token_counts")
-    return build_vocabulary(head["name"], int(head["codebook_size"]), head["mapping"], decoder=decoder,
-                            counts=None if counts is None else counts.numpy(), smoothing=smoothing)
-
-
 def sample(cfg: DictConfig | SampleConfig) -> dict:
     """Sample ``cfg.num_samples`` images (the options are checked first: ``SampleConfigError``) and write the npz."""
     opts = validate(cfg)
@@ -251,23 +239,11 @@ def sample(cfg: DictConfig | SampleConfig) -> dict:
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     ck_path = Path(opts.checkpoint)
-    ck = load_training_checkpoint(ck_path)
-    model = load_gpt(ck_path, prefer_ema=opts.use_ema).to(acc.device)
+    ck = load_for_sampling(ck_path, use_ema=opts.use_ema, decoder=opts.decoder, smoothing=opts.smoothing,
+                           vq_checkpoint=opts.vq_checkpoint, vq_arch=opts.vq_arch)
+    model, vocab, vq = ck.model.to(acc.device), ck.vocabulary, ck.vq.to(acc.device)
     sc = opts.sampling
     check_null_class(model, sc.cfg_scale)
-    vocab = head_from_checkpoint(ck, opts.decoder, opts.smoothing)
-    tok_path = opts.vq_checkpoint or ck.get("tokenizer", {}).get("checkpoint")
-    if not tok_path:
-        raise CheckpointError("no tokenizer recorded in the checkpoint; pass vq_checkpoint=PATH")
-    vq = load_vq(tok_path, opts.vq_arch).to(acc.device)
-    recorded = ck.get("tokenizer", {}).get("codebook_sha256")
-    if recorded:
-        from masc_llamagen.data.extract import tokenizer_fingerprint
-
-        have = tokenizer_fingerprint(vq)
-        if have != recorded:
-            raise CheckpointError(f"tokenizer {tok_path} ({have[:12]}) is not the one the model was trained on "
-                                  f"({recorded[:12]}); pass vq_checkpoint=<the training tokenizer>")
     if model.config.model_type == "t2i":
         return _sample_t2i(opts, acc, ck, ck_path, model, vocab, vq, sc)
     n, bs, world, rank = opts.num_samples or 100, opts.batch_size, acc.num_processes, acc.process_index
@@ -307,8 +283,8 @@ def sample(cfg: DictConfig | SampleConfig) -> dict:
     if acc.is_main_process:
         npz = out / "samples.npz"
         shape = _assemble(out, world, n, labels, chunk_rows=bs) if world > 1 else rows.shape
-        data_cfg = (ck.get("config") or {}).get("data", {})
-        meta = {"checkpoint": str(ck_path), "step": int(ck["step"]), "ema": bool(opts.use_ema),
+        data_cfg = ck.config.get("data", {})
+        meta = {"checkpoint": str(ck_path), "step": ck.step, "ema": bool(opts.use_ema),
                 "head": vocab.name, "k": vocab.k, "decoder": None if vocab.is_flat else vocab.decoder,
                 "sampling": dataclasses.asdict(opts), "num_samples": int(n),
                 "dataset": data_cfg.get("name"), "split": _heldout(data_cfg.get("name")),
@@ -321,13 +297,13 @@ def sample(cfg: DictConfig | SampleConfig) -> dict:
     return result
 
 
-def _sample_t2i(opts, acc, ck: dict, ck_path: Path, model, vocab, vq, sc) -> dict:
+def _sample_t2i(opts, acc, ck: ForSampling, ck_path: Path, model, vocab, vq, sc) -> dict:
     """One image per prompt, as LlamaGen writes them: ``images/%06d.png``, ``captions.txt``, ``result.jsonl``.
 
     Each rank encodes and samples its own contiguous share and writes its PNGs; nothing is gathered. Sample i is
     seeded by ``(seed, i)``, so the images do not depend on the number of processes or the batch size.
     """
-    from masc_llamagen.eval.coco import load_prompts  # a file (one prompt a line), coco or parti
+    from masc_llamagen.data.prompts import load_prompts  # a file (one prompt a line), coco or parti
     from masc_llamagen.text import build_text_encoder
 
     if not opts.prompts:
@@ -336,7 +312,7 @@ def _sample_t2i(opts, acc, ck: dict, ck_path: Path, model, vocab, vq, sc) -> dic
     prompts = load_prompts(opts.prompts)
     if opts.num_samples is not None:
         prompts = prompts[: opts.num_samples]
-    text_cfg = (ck.get("config") or {}).get("text", {})
+    text_cfg = ck.config.get("text", {})
     encoder = build_text_encoder(opts.text_encoder or text_cfg.get("encoder", "wordllama"),
                                  opts.text_path or text_cfg.get("path"), device=acc.device,
                                  max_length=model.config.cls_token_num)  # longer prompts are truncated
@@ -367,8 +343,8 @@ def _sample_t2i(opts, acc, ck: dict, ck_path: Path, model, vocab, vq, sc) -> dic
         with open(out / "result.jsonl", "w") as f:
             for i, p in enumerate(prompts):
                 f.write(json.dumps({"index": i, "image": f"images/{i:06d}.png", "caption": p}) + "\n")
-        data_cfg = (ck.get("config") or {}).get("data", {})
-        meta = {"checkpoint": str(ck_path), "step": int(ck["step"]), "ema": bool(opts.use_ema), "task": "t2i",
+        data_cfg = ck.config.get("data", {})
+        meta = {"checkpoint": str(ck_path), "step": ck.step, "ema": bool(opts.use_ema), "task": "t2i",
                 "head": vocab.name, "k": vocab.k, "decoder": None if vocab.is_flat else vocab.decoder,
                 "prompts": opts.prompts, "num_samples": n, "text_encoder": encoder.describe(),
                 "sampling": dataclasses.asdict(opts), "dataset": data_cfg.get("name"),

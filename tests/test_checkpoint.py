@@ -8,7 +8,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from masc_llamagen.checkpoint import CheckpointError, load_gpt, load_vq, read_state_dict, save_weights
+from masc_llamagen.checkpoint import (
+    CheckpointError,
+    CheckpointVersionError,
+    NotATrainingCheckpointError,
+    TrainingCheckpoint,
+    load_gpt,
+    load_vq,
+    read_state_dict,
+    save_weights,
+)
 from masc_llamagen.models.gpt import GPT, GPTConfig, gpt_config
 
 
@@ -116,6 +125,48 @@ def test_save_weights_is_atomic_and_leaves_no_temp(tmp_path, small):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
     sd, saved_cfg = read_state_dict(tmp_path / "a.safetensors")
     assert GPTConfig.from_dict(saved_cfg) == cfg and sd.keys() == model.state_dict().keys()
+
+
+# -- the training checkpoint schema ------------------------------------------------------------------------------
+
+def _legacy_training_checkpoint(model, cfg) -> dict:
+    """The dict the training loop wrote before the schema existed (no format_version)."""
+    sd = model.state_dict()
+    return {"model": sd, "ema": {k: v + 1 for k, v in sd.items()}, "optimizer": {"state": {}, "param_groups": []},
+            "scheduler": {"last_epoch": 3}, "rng": [{"torch": torch.get_rng_state()}], "step": 3,
+            "elapsed_s": 1.5, "model_config": cfg.__dict__, "model_kind": "gpt",
+            "head": {"name": "flat", "decoder": "uniform", "codebook_size": 40, "k": 40}, "head_info": {},
+            "config": {"train": {"seed": 0}}, "tokenizer": {"checkpoint": "vq.pt", "codebook_sha256": "ab"}}
+
+
+def test_checkpoints_written_before_the_schema_load_and_keep_their_keys(tmp_path, small):
+    cfg, model = small
+    old = _legacy_training_checkpoint(model, cfg)
+    torch.save(old, tmp_path / "old.pt")
+    ck = TrainingCheckpoint.load(tmp_path / "old.pt")
+    assert ck.format_version == 1 and ck.ema_updates == 3  # no count saved then: one EMA update per step
+    assert ck.tokenizer.checkpoint == "vq.pt" and ck.vocabulary().vocab_size == 40
+    ck.save(tmp_path / "new.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.pt", "old.pt"]  # no temp file left
+    new = torch.load(tmp_path / "new.pt", weights_only=True)
+    assert set(new) == set(old) | {"ema_updates", "format_version"}
+    assert all(torch.equal(new["ema"][k], old["ema"][k]) for k in old["ema"])
+    assert _same(load_gpt(tmp_path / "new.pt", prefer_ema=False), model)
+
+
+def test_training_checkpoint_problems_are_named(tmp_path, small):
+    cfg, model = small
+    torch.save({"model": model.state_dict()}, tmp_path / "weights.pt")
+    with pytest.raises(NotATrainingCheckpointError, match=r"weights\.pt is not a masc-llamagen training checkpoint "
+                                                          r"\(no 'optimizer'\); to start from released weights"):
+        TrainingCheckpoint.load(tmp_path / "weights.pt")
+    torch.save({**_legacy_training_checkpoint(model, cfg), "format_version": 2}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointVersionError, match="format-2 training checkpoint .* update masc-llamagen"):
+        TrainingCheckpoint.load(tmp_path / "future.pt")
+    torch.save({**_legacy_training_checkpoint(model, cfg), "extra": 1}, tmp_path / "extra.pt")
+    with pytest.raises(CheckpointVersionError, match=r"keys this masc-llamagen does not know \(extra\)"):
+        TrainingCheckpoint.load(tmp_path / "extra.pt")
+    assert issubclass(NotATrainingCheckpointError, CheckpointError)
 
 
 # -- parity CLI ---------------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ import pytest
 import torch
 from train_utils import compose_cfg, make_assets
 
-from masc_llamagen.checkpoint import load_gpt
-from masc_llamagen.train import loop
-from masc_llamagen.train.checkpointing import list_checkpoints, load_training_checkpoint
+from masc_llamagen.checkpoint import TrainingCheckpoint, load_gpt
+from masc_llamagen.train import build
+from masc_llamagen.train.checkpointing import list_checkpoints
 from masc_llamagen.train.loop import train
 
 BASE = ["head=random", "head.k=16", "train.global_batch_size=8", "train.log_every=1", "train.ckpt_every=4"]
@@ -40,12 +40,12 @@ class _MetaAccelerator:
 
 def test_ema_lives_where_the_prepared_model_lives(tmp_path, assets):
     cfg = compose_cfg(tmp_path, assets, [*BASE, "train.ema=true"])
-    model = loop.build_model(cfg, types.SimpleNamespace(vocab_size=16, is_flat=False), 16, 4)
+    model = build.build_model(cfg, types.SimpleNamespace(vocab_size=16, is_flat=False), 16, 4)
     opt = torch.optim.AdamW(model.parameters())
-    ck = {"step": 3, "ema_updates": 3, "optimizer": {},
-          "ema": {k: torch.zeros_like(v) for k, v in model.state_dict().items() if v.is_floating_point()}}
+    shadow = {k: torch.zeros_like(v) for k, v in model.state_dict().items() if v.is_floating_point()}
+    ck = TrainingCheckpoint(step=3, ema_updates=3, model={}, optimizer={}, rng=[], ema=shadow)
     for resume in (None, ck):
-        _, _, raw, ema = loop.prepare_model(_MetaAccelerator(), cfg, model, opt, resume)
+        _, _, raw, ema = build.prepare_model(_MetaAccelerator(), cfg, model, opt, resume)
         devices = {v.device.type for v in ema.shadow.values()}
         assert devices == {"meta"}, f"EMA shadows on {devices}, model on meta"
         assert set(ema.shadow) == {k for k, v in raw.state_dict().items() if v.is_floating_point()}
@@ -68,8 +68,8 @@ def test_compiled_training_resumes_exactly_and_writes_plain_keys(tmp_path, asset
     # Inductor may regenerate (and re-fuse) kernels in a new invocation: equal to float rounding, not bit for bit
     # (measured: 1 ulp at one step of six); the uncompiled loop is bit-exact (test_train.py).
     torch.testing.assert_close(part["losses"] + rest["losses"], full["losses"], rtol=1e-6, atol=0)
-    ck = load_training_checkpoint(tmp_path / "cut" / "checkpoints" / "ckpt-00000006.pt")
-    assert not [k for k in [*ck["model"], *ck["ema"]] if "_orig_mod" in k]
+    ck = TrainingCheckpoint.load(tmp_path / "cut" / "checkpoints" / "ckpt-00000006.pt")
+    assert not [k for k in [*ck.model, *ck.ema] if "_orig_mod" in k]
     load_gpt(tmp_path / "cut" / "checkpoints" / "ckpt-00000006.pt")  # strict
 
 
@@ -123,13 +123,13 @@ def test_mfu_peak_tells_pcie_from_sxm():
 def test_throughput_excludes_checkpoint_time(tmp_path, assets, monkeypatch):
     import time
 
-    real = loop.atomic_save
+    real = TrainingCheckpoint.save
 
-    def slow_save(obj, path):
+    def slow_save(self, path):
         time.sleep(0.6)
-        real(obj, path)
+        return real(self, path)
 
-    monkeypatch.setattr(loop, "atomic_save", slow_save)
+    monkeypatch.setattr(TrainingCheckpoint, "save", slow_save)
     train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=4", "train.ckpt_every=1", "train.log_every=2"],
                       run="t"))
     rows = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]

@@ -14,10 +14,9 @@ import pytest
 import torch
 from train_utils import compose_cfg, make_assets
 
-from masc_llamagen.checkpoint import CheckpointError, load_gpt
+from masc_llamagen.checkpoint import CheckpointError, TrainingCheckpoint, load_gpt
 from masc_llamagen.config import validate
 from masc_llamagen.errors import ConfigError, MascError, TrainingError, user_errors
-from masc_llamagen.train import loop
 from masc_llamagen.train.checkpointing import last_good_checkpoint, list_checkpoints
 from masc_llamagen.train.loop import train
 
@@ -141,10 +140,12 @@ def test_corrupt_newest_checkpoint_names_the_previous_good_one(tmp_path, assets)
 
 def test_half_written_files_of_a_kill_are_cleaned(tmp_path, assets, capsys):
     train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=4"], run="k"))
-    junk = tmp_path / "k" / "checkpoints" / ".ckpt-00000008.pt.tmp-99999"
-    junk.write_bytes(b"half")
+    ckpts = tmp_path / "k" / "checkpoints"
+    junk = [ckpts / ".ckpt-00000008.pt.tmp-99999", ckpts / ".ckpt-00000008.pt.x1y2z3.tmp"]  # older and current
+    for p in junk:
+        p.write_bytes(b"half")
     train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=6"], run="k"))
-    assert not junk.exists() and "removed 1 half-written" in capsys.readouterr().out
+    assert not any(p.exists() for p in junk) and "removed 2 half-written" in capsys.readouterr().out
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, assets, monkeypatch):
@@ -268,15 +269,13 @@ def test_every_error_class_is_a_mascerror():
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, assets, monkeypatch):
     train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=4"], run="d"))
-    real = loop.atomic_save
-
-    def full(obj, path):
+    def full(self, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(loop, "atomic_save", full)
+    monkeypatch.setattr(TrainingCheckpoint, "save", full)
     with pytest.raises(OSError):
         train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=8"], run="d"))
-    monkeypatch.setattr(loop, "atomic_save", real)
+    monkeypatch.undo()
     assert [s for s, _ in list_checkpoints(tmp_path / "d" / "checkpoints")] == [4]
     assert not (tmp_path / "d" / ".lock").exists()  # released on the way out
 
@@ -300,17 +299,20 @@ def test_train_cli_user_errors(tmp_path, assets, overrides):
 def test_tree_cut_given_a_non_tree_is_one_line(tmp_path, capsys, kind):
     import numpy as np
 
-    from masc_llamagen.masc.tree import main as tree_main
+    from masc_llamagen.masc.tree_cli import TreeJob
+    from masc_llamagen.masc.tree_cli import run as run_tree_job
 
     path = tmp_path / "t.npz"
     if kind == "text":
         path.write_text("not a tree\n")
     elif kind == "other-npz":
         np.savez(path, a=np.zeros(3))
-    assert tree_main(["cut", str(path), "--k", "4", "--out", str(tmp_path / "m.npy")]) == 2
+    with pytest.raises(SystemExit) as e, user_errors():
+        run_tree_job(TreeJob(action="cut", tree=str(path), k=4, mapping=str(tmp_path / "m.npy")))
+    assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "allow_pickle" not in err
-    assert "python -m masc_llamagen.tree build" in err and not (tmp_path / "m.npy").exists()
+    assert "python -m masc_llamagen.tree action=build" in err and not (tmp_path / "m.npy").exists()
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +333,7 @@ CLI_CASES = [
     ("masc_llamagen.eval", ["TEXT_NPZ", "fashion_mnist"], ".npz"),
     ("masc_llamagen.eval", ["OBJECT_NPZ", "fashion_mnist"], "arr_0"),
     ("masc_llamagen.eval", ["GOOD_NPZ", "MISSING_DIR"], "refs_fodler"),
-    ("masc_llamagen.tree", ["cut", "TEXT_NPZ", "--k", "4", "--out", "OUT"], "not a MASC tree file"),
+    ("masc_llamagen.tree", ["action=cut", "tree=text.npz", "k=4", "mapping=m.npy"], "not a MASC tree file"),
 ]
 
 

@@ -86,10 +86,9 @@ def test_eval_cli_samples_a_checkpoint_then_scores_it(trained, tmp_path, capsys)
 
 def test_image_size_eval_resizes_before_writing(trained):
     """LlamaGen scores its 384-px models at 256: bicubic on the decoded images, recorded in the sidecar."""
-    from masc_llamagen.checkpoint import load_gpt, load_vq
+    from masc_llamagen.checkpoint import load_for_sampling
     from masc_llamagen.models.sampling import SamplingConfig
-    from masc_llamagen.sample import head_from_checkpoint, sample_images, sample_tokens
-    from masc_llamagen.train.checkpointing import load_training_checkpoint
+    from masc_llamagen.sample import sample_images, sample_tokens
     from masc_llamagen.utils.images import to_uint8_numpy
 
     root, ckpt = trained
@@ -99,9 +98,9 @@ def test_image_size_eval_resizes_before_writing(trained):
     with np.load(out_dir / "samples.npz", allow_pickle=False) as z:
         assert z["arr_0"].shape == (3, 8, 8, 3)
     assert json.loads((out_dir / "samples.npz.json").read_text())["sampling"]["image_size_eval"] == 8
-    ck = load_training_checkpoint(ckpt)
-    model, vq = load_gpt(ckpt), load_vq(ck["tokenizer"]["checkpoint"])
-    vocab, sc, labels = head_from_checkpoint(ck, None, 1.0), SamplingConfig(cfg_scale=2.0), torch.arange(3)
+    ck = load_for_sampling(ckpt)
+    model, vq, vocab = ck.model, ck.vq, ck.vocabulary
+    sc, labels = SamplingConfig(cfg_scale=2.0), torch.arange(3)
     tokens = sample_tokens(model, vocab, labels, sc, 0, indices=torch.arange(3))
     full = vq.decode_code(tokens.reshape(-1, 4, 4))
     expected = to_uint8_numpy(torch.nn.functional.interpolate(full, size=(8, 8), mode="bicubic"))

@@ -136,8 +136,8 @@ def test_config_refuses_t2i_without_features(tmp_path, t2i_assets):
 
 
 def test_extraction_cli_writes_the_store_training_reads(tmp_path, t2i_assets, capsys):
-    from masc_llamagen.text import TextFeatureStore
     from masc_llamagen.data.extract_text import ExtractConfig, extract
+    from masc_llamagen.text import TextFeatureStore
 
     extract(ExtractConfig(codes=str(t2i_assets["codes"]), out=str(tmp_path / "feats"), device="cpu"))
     store = TextFeatureStore(tmp_path / "feats")
@@ -150,11 +150,12 @@ def test_extraction_cli_writes_the_store_training_reads(tmp_path, t2i_assets, ca
 
 
 def test_extraction_cli_reports_a_missing_output_in_one_line():
+    import os
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-m", "masc_llamagen.data.extract_text", "codes=x"], capture_output=True, text=True,
-                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    p = subprocess.run([sys.executable, "-m", "masc_llamagen.data.extract_text", "codes=x"], capture_output=True,
+                       text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 1 and p.stderr.strip() == "error: out=DIR is required: where to write the packed features"
 
 

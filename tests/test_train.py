@@ -11,10 +11,11 @@ import pytest
 import torch
 from train_utils import compose_cfg, make_assets
 
-from masc_llamagen.checkpoint import load_gpt
-from masc_llamagen.train import checkpointing
-from masc_llamagen.train.checkpointing import list_checkpoints, load_training_checkpoint
-from masc_llamagen.train.loop import TrainingError, train
+from masc_llamagen import checkpoint
+from masc_llamagen.checkpoint import TrainingCheckpoint, load_gpt
+from masc_llamagen.errors import TrainingError
+from masc_llamagen.train.checkpointing import list_checkpoints
+from masc_llamagen.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["head=random", "head.k=16", "train.global_batch_size=8", "train.log_every=1", "train.ckpt_every=4"]
@@ -49,10 +50,10 @@ def test_resume_after_interruption_reproduces_losses_exactly(tmp_path, assets):
     part2 = train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=12"], run="cut"))
     assert part2["resumed_from"].endswith("ckpt-00000005.pt")
     assert part1["losses"] + part2["losses"] == full["losses"]
-    a = load_training_checkpoint(tmp_path / "full" / "checkpoints" / "ckpt-00000012.pt")
-    b = load_training_checkpoint(tmp_path / "cut" / "checkpoints" / "ckpt-00000012.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    a = TrainingCheckpoint.load(tmp_path / "full" / "checkpoints" / "ckpt-00000012.pt")
+    b = TrainingCheckpoint.load(tmp_path / "cut" / "checkpoints" / "ckpt-00000012.pt")
+    assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    assert all(torch.equal(a.ema[k], b.ema[k]) for k in a.ema)
 
 
 @pytest.mark.slow
@@ -72,14 +73,14 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path, assets):
     assert found, "no checkpoint was written before the kill"
     killed_at = found[-1][0]
     assert killed_at < 40
-    load_training_checkpoint(found[-1][1])  # readable: the kill did not corrupt it
+    TrainingCheckpoint.load(found[-1][1])  # readable: the kill did not corrupt it
     resumed = subprocess.run([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
                              cwd=tmp_path, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     full = train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=40", "train.ckpt_every=2"], run="ref"))
-    got = load_training_checkpoint(run_dir / "checkpoints" / "ckpt-00000040.pt")
-    ref = load_training_checkpoint(tmp_path / "ref" / "checkpoints" / "ckpt-00000040.pt")
-    assert all(torch.equal(got["model"][k], ref["model"][k]) for k in ref["model"])
+    got = TrainingCheckpoint.load(run_dir / "checkpoints" / "ckpt-00000040.pt")
+    ref = TrainingCheckpoint.load(tmp_path / "ref" / "checkpoints" / "ckpt-00000040.pt")
+    assert all(torch.equal(got.model[k], ref.model[k]) for k in ref.model)
     assert full["step"] == 40
 
 
@@ -103,7 +104,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path, assets):
     assert r.returncode == 0, r.stderr[-3000:]
     train(compose_cfg(tmp_path, assets, [*BASE, *NO_DROPOUT, "train.steps=4"], run="single"))
     ddp = tmp_path / "ddp" / "checkpoints" / "ckpt-00000004.pt"
-    assert load_training_checkpoint(ddp)["config"]["train"]["global_batch_size"] == 8
+    assert TrainingCheckpoint.load(ddp).config["train"]["global_batch_size"] == 8
     _assert_same_weights(ddp, tmp_path / "single" / "checkpoints" / "ckpt-00000004.pt")
 
 
@@ -116,13 +117,13 @@ def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, assets, monkeypatc
         f.write(b"partial bytes")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpointing.torch, "save", broken_save)
+    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=8"], run="r"))
     monkeypatch.undo()
     names = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
     assert names == ["ckpt-00000004.pt"]  # no temp file left, the good one untouched
-    assert load_training_checkpoint(good[0][1])["step"] == 4
+    assert TrainingCheckpoint.load(good[0][1]).step == 4
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, assets, monkeypatch):
@@ -151,9 +152,9 @@ def test_checkpoint_is_self_describing_and_keeps_last_n(tmp_path, assets):
                       run="s"))
     found = list_checkpoints(tmp_path / "s" / "checkpoints")
     assert [s for s, _ in found] == [10, 12]
-    ck = load_training_checkpoint(found[-1][1])
-    assert ck["head"]["name"] == "random" and ck["head"]["k"] == 16 and ck["head"]["mapping"].shape == (64,)
-    assert ck["model_config"]["vocab_size"] == 16 and ck["tokenizer"]["codebook_sha256"]
+    ck = TrainingCheckpoint.load(found[-1][1])
+    assert ck.head["name"] == "random" and ck.head["k"] == 16 and ck.head["mapping"].shape == (64,)
+    assert ck.model_config["vocab_size"] == 16 and ck.tokenizer.codebook_sha256
     assert (tmp_path / "s" / "config_resolved.yaml").is_file() and (tmp_path / "s" / "run.json").is_file()
     model = load_gpt(found[-1][1])  # EMA weights, config from the file: no flags
     assert model.config.vocab_size == 16
@@ -283,3 +284,23 @@ def test_flat_head_logs_marginal_coarse_ce_on_masc_clusters(tmp_path, assets):
         # summing a distribution over a cluster can only raise the target's probability
         assert 0 < r["train/marginal_coarse_ce_bits"] <= r["train/fine_nll_bits"] + 1e-6
     assert rows[0]["train/fine_nll_bits"] == pytest.approx(6.0, abs=0.05)  # zero-init head: log2(64) at start
+
+
+def test_warmup_cosine_is_torchs_linear_warmup_then_cosine_annealing():
+    from masc_llamagen.train.optim import build_scheduler
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+        sched, out = make(opt), []
+        for _ in range(100):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    ours = lrs(lambda o: build_scheduler(o, 100, "cosine", 10, 2e-4, 2e-5))
+    ref = lrs(lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
+        torch.optim.lr_scheduler.LinearLR(o, start_factor=1 / 10, end_factor=1.0, total_iters=9),
+        torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=90, eta_min=2e-5)], milestones=[10]))
+    torch.testing.assert_close(torch.tensor(ours, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64),
+                               rtol=1e-9, atol=0)

@@ -53,15 +53,14 @@ def sample_checkpoint(checkpoint: Path, args: argparse.Namespace) -> Path:
     the ADM-style npz it writes (its JSON sidecar names the dataset and held-out split for the reference)."""
     from hydra import compose, initialize_config_dir
 
-    from masc_llamagen.checkpoint import CheckpointError
+    from masc_llamagen.checkpoint import CheckpointError, TrainingCheckpoint
     from masc_llamagen.sample import sample
-    from masc_llamagen.train.checkpointing import load_training_checkpoint
 
     try:
-        ck = load_training_checkpoint(checkpoint)
+        ck = TrainingCheckpoint.load(checkpoint)  # only the run's config here; sample() loads the model
     except CheckpointError as e:
         raise EvalError(str(e)) from None
-    cfg_scale = args.cfg_scale or ((ck.get("config") or {}).get("train", {}).get("sample_cfg_scale") or 1.0)
+    cfg_scale = args.cfg_scale or (ck.config.get("train", {}).get("sample_cfg_scale") or 1.0)
     overrides = [f"checkpoint={checkpoint}", f"num_samples={args.num_samples}", f"cfg_scale={cfg_scale}",
                  f"batch_size={args.batch_size}", "png=false"]
     with initialize_config_dir(version_base="1.3", config_dir=str(Path(__file__).resolve().parents[2] / "configs")):

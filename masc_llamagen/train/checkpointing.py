@@ -1,24 +1,18 @@
-"""Self-describing, atomically written training checkpoints with keep-last-N and exact resume.
+"""The run side of checkpoints: their names in a run directory, keep-last-N, RNG capture and what resume may change.
 
-A checkpoint is one ``torch.save`` file of plain data (loads with ``weights_only=True``): model and EMA weights,
-optimizer and scheduler state, every RNG state, the exact data position (the next optimizer step), the resolved
-config, the model config, the head (mapping included) and the tokenizer fingerprint. It is written to a temporary
-file in the same directory, fsynced and renamed: a kill at any moment leaves the previous checkpoint intact, and
-half-written files are never picked up by resume.
+The file format itself (save, load, validate) is :class:`masc_llamagen.checkpoint.TrainingCheckpoint`.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from masc_llamagen.checkpoint import CheckpointError, read_checkpoint
+from masc_llamagen.checkpoint import CheckpointError, TrainingCheckpoint
 
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
@@ -44,32 +38,12 @@ def last_good_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest checkpoint that loads and whose model weights are all finite (what a failure message offers)."""
     for _, p in reversed(list_checkpoints(ckpt_dir)):
         try:
-            sd = read_checkpoint(p).get("model") or {}
+            sd = TrainingCheckpoint.load(p).model
         except CheckpointError:
             continue
         if all(torch.isfinite(v).all() for v in sd.values() if torch.is_tensor(v) and v.is_floating_point()):
             return p
     return None
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -101,15 +75,6 @@ def restore_rng(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_training_checkpoint(path: Path) -> dict:
-    ckpt = read_checkpoint(path)
-    for key in ("model", "optimizer", "step", "rng"):
-        if key not in ckpt:
-            raise CheckpointError(f"{path} is not a masc-llamagen training checkpoint (no '{key}'); "
-                                  "to start from released weights use load_gpt instead")
-    return ckpt
 
 
 # -- resume compatibility: what may change between invocations of one run ------------------------------------------

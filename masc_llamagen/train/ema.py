@@ -1,4 +1,9 @@
-"""Exponential moving average of the weights, on by default and used for sampling (as DiT)."""
+"""Exponential moving average of the weights, on by default and used for sampling (as DiT).
+
+Hand-written rather than torch's ``AveragedModel`` + ``get_ema_multi_avg_fn`` or timm's ``ModelEmaV3``: both
+deep-copy the module (a second wrapped or sharded model, ``module.``/``n_averaged`` keys in the checkpoint) and
+decay at a fixed rate or timm's own warm-up curve, so the saved EMA keys and values would change.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""AdamW with weight decay on >= 2-D tensors only (LlamaGen), and the LR schedules of both recipes."""
+"""AdamW with weight decay on >= 2-D tensors only (LlamaGen), and the LR schedules of both recipes.
+
+The schedules are closed forms run by torch's ``LambdaLR``, not ``LinearLR``/``CosineAnnealingLR``/``SequentialLR``
+(recursive factors that drift from the closed form by rounding, and another state-dict layout than the one resume
+loads) nor timm's ``CosineLRScheduler`` (a different warm-up ramp and its own step API).
+"""
 
 from __future__ import annotations
 
@@ -19,17 +24,22 @@ def build_optimizer(model: nn.Module, lr: float, betas, eps: float, weight_decay
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True if cuda else None)
 
 
-def lr_factor(step: int, total: int, schedule: str, warmup: int, lr: float, final_lr: float) -> float:
-    """Multiplier of the base LR at ``step`` (0-based optimizer step)."""
+def warmup_cosine(step: int, total: int, warmup: int, end_ratio: float) -> float:
+    """LR multiplier at 0-based ``step``: linear warmup to 1 over ``warmup`` steps, then a cosine from 1 down to
+    ``end_ratio`` at ``total``. The project's one warmup + cosine (the tokenizer trainer uses it too)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
+    span = max(1, total - warmup)
+    t = min(1.0, (step - warmup) / span)
+    return end_ratio + (1.0 - end_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup: int, lr: float, final_lr: float) -> float:
+    """Multiplier of the base LR at ``step`` (0-based optimizer step)."""
     if schedule == "constant":
-        return 1.0
+        return (step + 1) / warmup if warmup > 0 and step < warmup else 1.0
     if schedule == "cosine":
-        span = max(1, total - warmup)
-        t = min(1.0, (step - warmup) / span)
-        end = final_lr / lr
-        return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+        return warmup_cosine(step, total, warmup, final_lr / lr)
     raise ValueError(f"unknown LR schedule {schedule!r}; use 'constant' or 'cosine'")
 
 

@@ -14,8 +14,9 @@ import socket
 import time
 from pathlib import Path
 
+from masc_llamagen.checkpoint import TrainingCheckpoint
 from masc_llamagen.errors import TrainingError
-from masc_llamagen.train.checkpointing import list_checkpoints, load_training_checkpoint
+from masc_llamagen.train.checkpointing import list_checkpoints
 
 LOCK = ".lock"
 
@@ -78,9 +79,10 @@ class RunLock:
 
 
 def remove_stale_temp_files(ckpt_dir: Path) -> list[Path]:
-    """Half-written checkpoints of a killed run (``.ckpt-*.tmp-PID``); only called while holding the lock."""
+    """Half-written checkpoints of a killed run (``.ckpt-*.tmp``, and ``.ckpt-*.tmp-PID`` of older versions); only
+    called while holding the lock."""
     d = Path(ckpt_dir)
-    stale = [p for p in d.glob(".ckpt-*.tmp-*")] if d.is_dir() else []
+    stale = [p for p in d.glob(".ckpt-*.tmp*")] if d.is_dir() else []
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
@@ -95,14 +97,14 @@ def refuse_fresh_start_over_a_run(ckpt_dir: Path) -> None:
             "hydra.run.dir=...)")
 
 
-def load_newest_checkpoint(ckpt_dir: Path) -> tuple[Path | None, dict | None]:
+def load_newest_checkpoint(ckpt_dir: Path) -> tuple[Path | None, TrainingCheckpoint | None]:
     """The newest checkpoint and its contents; a corrupt newest one stops with the previous readable one named."""
     found = list_checkpoints(ckpt_dir)
     if not found:
         return None, None
     newest = found[-1][1]
     try:
-        return newest, load_training_checkpoint(newest)
+        return newest, TrainingCheckpoint.load(newest)
     except Exception as e:  # noqa: BLE001 - any unreadable file: name it and the way out
         first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         previous = next((p for _, p in reversed(found[:-1]) if _reads(p)), None)
@@ -113,7 +115,7 @@ def load_newest_checkpoint(ckpt_dir: Path) -> tuple[Path | None, dict | None]:
 
 def _reads(path: Path) -> bool:
     try:
-        load_training_checkpoint(path)
+        TrainingCheckpoint.load(path)
         return True
     except Exception:  # noqa: BLE001
         return False
