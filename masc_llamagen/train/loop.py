@@ -10,7 +10,6 @@ reproduces the uninterrupted run's losses exactly on CPU; 2 processes x b equal 
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from masc_llamagen.checkpoint import TrainingCheckpoint
 from masc_llamagen.config import validate
 from masc_llamagen.errors import TrainingError
+from masc_llamagen.eval.likelihood import normalized_entropy
 from masc_llamagen.masc.heads import bits, marginal_coarse_nll
 from masc_llamagen.train.build import accelerator, build_run
 from masc_llamagen.train.checkpointing import (
@@ -181,8 +181,8 @@ def step_metrics(run: Run, state: TrainState, rates: dict, tokens: torch.Tensor,
     with torch.no_grad():
         target = tokens[-run.micro_batch:]
         fine = bits(vocab.fine_nll(last_logits, target).mean().item())
-        out = {**rates, "train/loss": loss, "train/fine_nll_bits": fine,
-               "train/lr": run.sched.get_last_lr()[0], "train/pred_entropy_norm": _prediction_entropy(last_logits)}
+        out = {**rates, "train/loss": loss, "train/fine_nll_bits": fine, "train/lr": run.sched.get_last_lr()[0],
+               "train/pred_entropy_norm": normalized_entropy(last_logits).mean().item()}
         if not vocab.is_flat:
             out["train/coarse_ce_bits"] = bits(loss)
         elif run.compare_mapping is not None:
@@ -242,13 +242,6 @@ def save_checkpoint(run: Run, state: TrainState) -> Path:
         prune(run.ckpt_dir, run.cfg.train.keep_last)
     acc.wait_for_everyone()
     return path
-
-
-def _prediction_entropy(logits: torch.Tensor) -> float:
-    """Mean normalised entropy H / log V of the predictive distributions."""
-    logp = torch.log_softmax(logits.float(), -1)
-    h = -(logp.exp() * logp).sum(-1).mean().item()
-    return h / math.log(logits.shape[-1])
 
 
 def _weights_finite(model: torch.nn.Module, acc: Accelerator) -> bool:
