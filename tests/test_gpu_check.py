@@ -6,13 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import gpu_check  # noqa: E402
 
-TRAIN_ROWS = ("train-small", "train-small-resume", "train-b", "train-b-compile")
+TRAIN_ROWS = ("train-small", "train-small-resume", "train-t2i", "train-b", "train-b-compile")
 # the CPU plan's bench: --vocab 256 --k 128, parts head and step
 BENCH_ROWS = ("bench head flat 256", "bench head masc 128", "bench step flat 256", "bench step masc 128")
 
@@ -42,12 +43,15 @@ def test_cpu_dry_run_passes_every_stage_and_prints_every_row(tmp_path):
         assert rows[s]["wall_s"] > 0
     for s in TRAIN_ROWS:  # read from each run's metrics.jsonl
         assert rows[s]["step_ms"] > 0 and rows[s]["tokens_per_s"] > 0
-    for s in ("sample-small", "sample-b"):  # read from the sampler's progress bar
+    for s in ("sample-small", "sample-t2i", "sample-b"):  # read from the sampler's progress bar
         assert rows[s]["images_per_s"] > 0
     for s in BENCH_ROWS:
         assert rows[s]["step_ms"] > 0 and rows[s]["peak"].endswith("MiB")
     assert "resumed from ckpt-00000003.pt" in rows["train-small-resume"]["notes"]
     assert "FID" in rows["eval"]["notes"]
+    assert "task=t2i" in rows["train-t2i"]["notes"] and "t2i codes" in rows["prepare"]["notes"]
+    assert "images/%06d.png + captions.txt + result.jsonl" in rows["sample-t2i"]["notes"]
+    assert "coco30k protocol: FID" in rows["eval-t2i"]["notes"] and "CLIP score absent" in rows["eval-t2i"]["notes"]
     assert "not compiled on cpu" in rows["train-b-compile"]["notes"]
     assert (tmp_path / "out" / "gpu_check_logs.txt").is_file()
 
@@ -123,3 +127,47 @@ def test_check_resume_accepts_a_resumed_run_and_rejects_a_restart(tmp_path):
     short = tmp_path / "short"
     _fake_run(short, str(short / "checkpoints" / "ckpt-00000020.pt"), [20], [5, 10, 15, 20])
     assert any("last at step 40" in p for p in gpu_check.check_resume(short, 20, 40))
+
+
+def _coco_folder(d: Path, prompts: list[str], size: int = 16) -> Path:
+    from PIL import Image
+
+    (d / "images").mkdir(parents=True)
+    for i in range(len(prompts)):
+        Image.new("RGB", (size, size)).save(d / "images" / f"{i:06d}.png")
+    (d / "captions.txt").write_text("".join(q + "\n" for q in prompts))
+    (d / "result.jsonl").write_text("".join(json.dumps({"index": i, "image": f"images/{i:06d}.png", "caption": q})
+                                            + "\n" for i, q in enumerate(prompts)))
+    return d
+
+
+def test_check_coco_layout_wants_one_image_per_prompt_in_order(tmp_path):
+    prompts = ["a small red apple", "a big blue car", "a small red apple", "a big white star"]  # repeats allowed
+    good = _coco_folder(tmp_path / "good", prompts)
+    assert gpu_check.check_coco_layout(good, prompts, 16) == []
+    assert any("expected 32x32" in p for p in gpu_check.check_coco_layout(good, prompts, 32))
+    (good / "images" / "000003.png").unlink()
+    assert any("images/ holds" in p for p in gpu_check.check_coco_layout(good, prompts, 16))
+    swapped = _coco_folder(tmp_path / "swapped", prompts[::-1])
+    problems = gpu_check.check_coco_layout(swapped, prompts, 16)
+    assert any("captions.txt" in p for p in problems) and any("result.jsonl" in p for p in problems)
+
+
+def test_random_text_encoder_is_read_by_the_wordllama_encoder(tmp_path):
+    """Each caption word is its own row of the random table (no unknown words), looked up by WordLlamaEncoder."""
+    from safetensors.numpy import load_file
+
+    from masc_llamagen.text import build_text_encoder
+    from masc_llamagen.text.encoders import WORDLLAMA_KEY, WORDLLAMA_TOKENIZER, WORDLLAMA_WEIGHTS
+    from tokenizers import Tokenizer
+
+    captions = gpu_check._captions(12)
+    assert len(set(captions)) == 12
+    root = gpu_check._random_text_encoder(tmp_path / "enc", captions)
+    enc = build_text_encoder("wordllama", root)
+    table = load_file(str(root / WORDLLAMA_WEIGHTS))[WORDLLAMA_KEY]
+    vocab = Tokenizer.from_file(str(root / WORDLLAMA_TOKENIZER)).get_vocab()
+    for caption, feats in zip(captions, enc.encode_tokens(captions), strict=True):
+        ids = [vocab[w] for w in caption.split()]
+        assert 0 not in ids  # [UNK]
+        np.testing.assert_array_equal(feats.numpy(), table[ids].astype(np.float32))
