@@ -510,10 +510,10 @@ def _build_small_tokenizer(tok: Tokenizer, root: Path) -> bool:
     from omegaconf import OmegaConf
     from torch.utils.data import Subset
 
-    from masc_llamagen.checkpoint import load_vq
     from masc_llamagen.data.extract import extract_codes
     from masc_llamagen.data.images import build_image_dataset
     from masc_llamagen.tokenizer.train import train_tokenizer
+    from masc_llamagen.weights import load_vq
 
     ckpt = root / "tokenizers" / f"{tok.name}.safetensors"
     rep = train_tokenizer(OmegaConf.merge(OmegaConf.create({"out": str(ckpt), "rfid_images": 0, "progress": False}),
@@ -531,8 +531,8 @@ def heldout_codes(cfg, n: int, root: Path) -> Path:
     import numpy as np
     import torch
 
-    from masc_llamagen.checkpoint import load_vq
     from masc_llamagen.data.images import build_image_dataset, heldout_split
+    from masc_llamagen.weights import load_vq
 
     path = root / "heldout" / f"{cfg.tokenizer.name}-{n}.npz"
     if path.is_file():
@@ -675,11 +675,12 @@ def evaluate_checkpoint(plan: Plan, cfg, ck: Path, mappings: dict, seed: int, ro
     import numpy as np
     import torch
 
-    from masc_llamagen.checkpoint import TrainingCheckpoint, load_gpt, load_vq
+    from masc_llamagen.checkpoint import TrainingCheckpoint
     from masc_llamagen.eval.fid import frechet_distance
     from masc_llamagen.eval.likelihood import heldout_diagnostics
     from masc_llamagen.models.sampling import SamplingConfig, generate
     from masc_llamagen.report import class_grid
+    from masc_llamagen.weights import load_gpt, load_vq
     state = TrainingCheckpoint.load(ck)
     model = load_gpt(ck, prefer_ema=True).eval()
     vq = load_vq(cfg.tokenizer.checkpoint).eval()
@@ -722,8 +723,9 @@ def score_decoder(plan: Plan, cfg, ck: Path, decoder: str, seed: int, ids_path: 
     import numpy as np
     import torch
 
-    from masc_llamagen.checkpoint import TrainingCheckpoint, load_vq
+    from masc_llamagen.checkpoint import TrainingCheckpoint
     from masc_llamagen.eval.fid import frechet_distance
+    from masc_llamagen.weights import load_vq
 
     voc = TrainingCheckpoint.load(ck).vocabulary(decoder, cfg.head.smoothing)
     vq = load_vq(cfg.tokenizer.checkpoint).eval()

@@ -419,9 +419,9 @@ def cluster_table(plan, root: Path, n_images: int) -> tuple[str, dict]:
     """Cluster sizes and the semantic replacement test (PSNR/SSIM of member-swapped decodes) per coarse head."""
     import torch
 
-    from masc_llamagen.checkpoint import load_vq
     from masc_llamagen.data.images import build_image_dataset, heldout_split
     from masc_llamagen.masc.replacement import replacement_scores
+    from masc_llamagen.weights import load_vq
 
     lines = ["| tokenizer | head | k | largest cluster | singletons | median size | tokens in the largest 1% of "
              "clusters | replacement PSNR (dB) | SSIM | tokens changed |", "|---|---|---|---|---|---|---|---|---|---|"]

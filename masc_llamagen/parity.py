@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from masc_llamagen.checkpoint import CheckpointError, load_gpt, load_vq, read_state_dict
+from masc_llamagen.weights import CheckpointError, load_gpt, load_vq, read_state_dict
 
 NULL_CAPTION_KEY = "cls_embedding.uncond_embedding"
 

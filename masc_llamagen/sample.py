@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from masc_llamagen.checkpoint import CheckpointError, ForSampling, load_for_sampling
+from masc_llamagen.checkpoint import ForSampling, load_for_sampling
 from masc_llamagen.errors import user_errors
 from masc_llamagen.masc.heads import HeadError, Vocabulary
 from masc_llamagen.models.sampling import SamplingConfig, SamplingError, check_null_class, generate
 from masc_llamagen.sample_config import SampleConfig, SampleConfigError, register, validate
 from masc_llamagen.utils.images import to_uint8_numpy
 from masc_llamagen.utils.io import fsync_dir
+from masc_llamagen.weights import CheckpointError
 
 register()  # sample.yaml lists the typed schema (base_sample) first in its defaults
 

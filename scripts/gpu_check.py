@@ -722,8 +722,8 @@ def prepare_t2i(plan: Plan, work: Path, vq, tok: Path, dev, text_encoder: str) -
     from PIL import Image
 
     from masc_llamagen.data.codes import save_codes
-    from masc_llamagen.data.extract import tokenizer_fingerprint
     from masc_llamagen.text import build_text_encoder, extract_text_features
+    from masc_llamagen.weights import tokenizer_fingerprint
 
     data = plan.t2i
     rng = np.random.default_rng(7)
@@ -757,10 +757,9 @@ def prepare(plan: Plan, work: Path, inception: str, text_encoder: str) -> dict:
     import numpy as np
     import torch
 
-    from masc_llamagen.checkpoint import save_weights
     from masc_llamagen.data.codes import save_codes
-    from masc_llamagen.data.extract import tokenizer_fingerprint
     from masc_llamagen.tokenizer.vq import VQ_CONFIGS, VQConfig, VQModel
+    from masc_llamagen.weights import save_weights, tokenizer_fingerprint
 
     dev = torch.device(plan.device)
     info: dict = {"device": plan.device}

@@ -8,17 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from masc_llamagen.checkpoint import (
-    CheckpointError,
-    CheckpointVersionError,
-    NotATrainingCheckpointError,
-    TrainingCheckpoint,
-    load_gpt,
-    load_vq,
-    read_state_dict,
-    save_weights,
-)
+from masc_llamagen.checkpoint import CheckpointVersionError, NotATrainingCheckpointError, TrainingCheckpoint
 from masc_llamagen.models.gpt import GPT, GPTConfig, gpt_config
+from masc_llamagen.weights import CheckpointError, load_gpt, load_vq, read_state_dict, save_weights
 
 
 @pytest.fixture()

@@ -12,10 +12,11 @@ import pytest
 import torch
 from train_utils import compose_cfg, make_assets
 
-from masc_llamagen.checkpoint import TrainingCheckpoint, load_gpt
+from masc_llamagen.checkpoint import TrainingCheckpoint
 from masc_llamagen.train import build
 from masc_llamagen.train.checkpointing import list_checkpoints
 from masc_llamagen.train.loop import train
+from masc_llamagen.weights import load_gpt
 
 BASE = ["head=random", "head.k=16", "train.global_batch_size=8", "train.log_every=1", "train.ckpt_every=4"]
 NO_DROPOUT = ["model.token_dropout_p=0", "model.resid_dropout_p=0", "model.ffn_dropout_p=0"]

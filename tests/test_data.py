@@ -30,12 +30,12 @@ from masc_llamagen.data import (
     heldout_split,
     read_meta,
     save_codes,
-    tokenizer_fingerprint,
     variant_plan,
 )
 from masc_llamagen.data.extract import _Views
 from masc_llamagen.data.images import FASHION_MNIST_DEBIAN_ROOT
 from masc_llamagen.tokenizer import build_vq
+from masc_llamagen.weights import tokenizer_fingerprint
 
 HAVE_FASHION = (default_root("fashion_mnist") / "t10k-images-idx3-ubyte.gz").is_file()
 needs_fashion = pytest.mark.skipif(

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from masc_llamagen.checkpoint import load_gpt
 from masc_llamagen.models.gpt import GPT, GPT_CONFIGS, GPTConfig, gpt_config, rope_2d_table
 from masc_llamagen.models.sampling import SamplingConfig, filter_logits, generate
+from masc_llamagen.weights import load_gpt
 
 RELEASED = ["GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-XXXL", "GPT-3B"]
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 from train_utils import compose_cfg, make_assets
 
-from masc_llamagen.checkpoint import CheckpointError, TrainingCheckpoint, load_gpt
+from masc_llamagen.checkpoint import TrainingCheckpoint
 from masc_llamagen.config import validate
 from masc_llamagen.errors import ConfigError, MascError, TrainingError, user_errors
 from masc_llamagen.train.checkpointing import last_good_checkpoint, list_checkpoints
 from masc_llamagen.train.loop import train
+from masc_llamagen.weights import CheckpointError, load_gpt
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["head=random", "head.k=16", "train.global_batch_size=8", "train.log_every=1", "train.ckpt_every=4"]
@@ -255,12 +256,12 @@ def test_user_errors_exit_1_with_one_line(capsys, error, expected):
 
 
 def test_every_error_class_is_a_mascerror():
-    from masc_llamagen.checkpoint import CheckpointError
     from masc_llamagen.data.codes import CodeFormatError
     from masc_llamagen.data.images import DatasetNotFoundError
     from masc_llamagen.masc.heads import HeadError
     from masc_llamagen.masc.tree import TreeError
     from masc_llamagen.models.sampling import SamplingError
+    from masc_llamagen.weights import CheckpointError
 
     for cls in (CheckpointError, CodeFormatError, DatasetNotFoundError, HeadError, TreeError, SamplingError,
                 TrainingError, ConfigError):

@@ -60,7 +60,7 @@ def test_wrong_tokenizer_is_refused(trained, tmp_path):
     other = make_assets(tmp_path, codebook_size=32)
     cfg = _sample_cfg([f"checkpoint={ckpt}", "num_samples=2", f"vq_checkpoint={other['tokenizer']}",
                        f"out_dir={tmp_path / 'o'}"])
-    from masc_llamagen.checkpoint import CheckpointError
+    from masc_llamagen.weights import CheckpointError
 
     with pytest.raises(CheckpointError, match="is not the one the model was trained on"):
         sample(cfg)

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from masc_llamagen.checkpoint import CheckpointError, load_gpt
 from masc_llamagen.models.gpt import (
     GPT,
     GPTConfig,
@@ -22,6 +21,7 @@ from masc_llamagen.models.gpt import (
 from masc_llamagen.models.sampling import SamplingConfig, SamplingError, generate
 from masc_llamagen.parity import main as parity_main
 from masc_llamagen.train.optim import build_optimizer
+from masc_llamagen.weights import CheckpointError, load_gpt
 
 T2I = Path(__file__).parent / "fixtures" / "llamagen_t2i"
 C2I = Path(__file__).parent / "fixtures" / "llamagen"

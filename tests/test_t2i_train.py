@@ -9,12 +9,12 @@ import torch
 from omegaconf import open_dict
 from train_utils import compose_cfg, make_assets
 
-from masc_llamagen.checkpoint import TrainingCheckpoint, load_gpt
+from masc_llamagen.checkpoint import TrainingCheckpoint
 from masc_llamagen.data.codes import save_codes
-from masc_llamagen.data.extract import tokenizer_fingerprint
 from masc_llamagen.errors import ConfigError, TrainingError
 from masc_llamagen.text import build_text_encoder, extract_text_features
 from masc_llamagen.train.loop import train
+from masc_llamagen.weights import load_gpt, tokenizer_fingerprint
 
 BASE = ["head=masc", "head.k=16", "train.global_batch_size=8", "train.log_every=1", "train.ckpt_every=4",
         "task=t2i"]
@@ -26,7 +26,7 @@ CAPTIONS = ["grinning face, a smileys emoji", "red apple, a food emoji", "green 
 @pytest.fixture(scope="module")
 def t2i_assets(tmp_path_factory):
     """A random VQ, 48 caption-conditioned code sequences whose tokens depend on the caption, wordllama features."""
-    from masc_llamagen.checkpoint import load_vq
+    from masc_llamagen.weights import load_vq
 
     root = tmp_path_factory.mktemp("t2i")
     base = make_assets(root / "c2i")  # its random VQ tokenizer

@@ -12,10 +12,11 @@ import torch
 from train_utils import compose_cfg, make_assets
 
 from masc_llamagen import checkpoint
-from masc_llamagen.checkpoint import TrainingCheckpoint, load_gpt
+from masc_llamagen.checkpoint import TrainingCheckpoint
 from masc_llamagen.errors import TrainingError
 from masc_llamagen.train.checkpointing import list_checkpoints
 from masc_llamagen.train.loop import train
+from masc_llamagen.weights import load_gpt
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["head=random", "head.k=16", "train.global_batch_size=8", "train.log_every=1", "train.ckpt_every=4"]
@@ -163,7 +164,7 @@ def test_checkpoint_is_self_describing_and_keeps_last_n(tmp_path, assets):
 def test_codes_from_another_tokenizer_are_refused(tmp_path, assets):
     other = make_assets(tmp_path / "other", codebook_size=64)
     torch.manual_seed(1)
-    from masc_llamagen.checkpoint import load_vq, save_weights
+    from masc_llamagen.weights import load_vq, save_weights
 
     vq = load_vq(other["tokenizer"])
     with torch.no_grad():

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from masc_llamagen.checkpoint import CheckpointError, load_strict, read_state_dict
 from masc_llamagen.tokenizer.vq import (
     VQ_CONFIGS,
     VectorQuantizer,
@@ -17,6 +16,7 @@ from masc_llamagen.tokenizer.vq import (
     VQModel,
     build_vq,
 )
+from masc_llamagen.weights import CheckpointError, load_strict, read_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llamagen"
 

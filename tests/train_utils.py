@@ -9,11 +9,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from masc_llamagen.checkpoint import save_weights
 from masc_llamagen.config import register
 from masc_llamagen.data.codes import save_codes
-from masc_llamagen.data.extract import tokenizer_fingerprint
 from masc_llamagen.tokenizer.vq import VQ_CONFIGS, VQConfig, VQModel
+from masc_llamagen.weights import save_weights, tokenizer_fingerprint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

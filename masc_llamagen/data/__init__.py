@@ -8,7 +8,7 @@ from masc_llamagen.data.codes import (
     read_meta,
     save_codes,
 )
-from masc_llamagen.data.extract import extract_codes, tokenizer_fingerprint, variant_plan
+from masc_llamagen.data.extract import extract_codes, variant_plan
 from masc_llamagen.data.images import (
     ArrayImageDataset,
     DatasetNotFoundError,
@@ -40,6 +40,5 @@ __all__ = [
     "heldout_split",
     "read_meta",
     "save_codes",
-    "tokenizer_fingerprint",
     "variant_plan",
 ]

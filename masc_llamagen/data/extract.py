@@ -57,17 +57,12 @@ from masc_llamagen.data.codes import (
 from masc_llamagen.data.images import ImageFolderDataset, build_image_dataset, center_crop_pil, pil_to_tensor
 from masc_llamagen.utils.devices import pick_device
 from masc_llamagen.utils.io import atomic_directory, atomic_savez, atomic_write_json
-from masc_llamagen.utils.provenance import codebook_sha256
+from masc_llamagen.weights import tokenizer_fingerprint
 
 DEFAULT_CROP_RANGES = (1.1, 1.05)  # LlamaGen's two extraction passes
 DEFAULT_CHUNK_SIZE = 4096
 TEN_CROP_POSITIONS = ("center", "tl", "tr", "bl", "br")  # centre first: variant 0 is the plain centre crop
 JOB_FILE = "job.json"
-
-
-def tokenizer_fingerprint(vq: torch.nn.Module) -> str:
-    """sha256 of the raw codebook (float32 bytes): codes are only meaningful with the codebook that made them."""
-    return codebook_sha256(vq.quantize.embedding.weight.detach().to("cpu", torch.float32).numpy())
 
 
 def variant_plan(

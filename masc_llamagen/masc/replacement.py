@@ -72,8 +72,8 @@ def replacement_scores(vq, images: torch.Tensor, mapping: np.ndarray, seed: int 
 def compare(tokenizer: str, k: int, methods: list[str], dataset: str = "fashion_mnist", n_images: int = 500,
             seed: int = 0, tokenizer_arch: str | None = None) -> dict:
     """Every method's mapping of the tokenizer's codebook at k, scored on the dataset's held-out images."""
-    from masc_llamagen.checkpoint import load_vq
     from masc_llamagen.data.images import build_image_dataset, heldout_split
+    from masc_llamagen.weights import load_vq
 
     vq = load_vq(tokenizer, tokenizer_arch)
     codebook = vq.quantize.embedding.weight.detach().float().numpy()

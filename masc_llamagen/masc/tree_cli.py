@@ -79,7 +79,7 @@ def load_codebook(path: str | os.PathLike) -> np.ndarray:
             raise TreeError(f"{p}: not a readable .npy array ({first_line(e)}); re-save it with numpy.save") from None
         return as_codebook(arr, source=str(p))
     # torch only here, so cutting a tree or reading its stats does not load it
-    from masc_llamagen.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+    from masc_llamagen.weights import CheckpointError, extract_state_dict, read_checkpoint
 
     if p.suffix == ".safetensors":
         try:

@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
-from masc_llamagen.checkpoint import CheckpointError, TokenizerRecord, TrainingCheckpoint, read_state_dict
+from masc_llamagen.checkpoint import TokenizerRecord, TrainingCheckpoint
 from masc_llamagen.errors import TrainingError
 from masc_llamagen.masc.heads import Vocabulary
 from masc_llamagen.masc.vocab import vocabulary_from_config
@@ -29,6 +29,7 @@ from masc_llamagen.train.optim import build_optimizer, build_scheduler
 from masc_llamagen.train.run_info import write_run_info
 from masc_llamagen.train.state import Run
 from masc_llamagen.train.throughput import flops_per_token, peak_flops
+from masc_llamagen.weights import CheckpointError, read_state_dict
 
 
 def accelerator(cfg: DictConfig) -> Accelerator:

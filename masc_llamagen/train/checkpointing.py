@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from masc_llamagen.checkpoint import CheckpointError, TrainingCheckpoint
+from masc_llamagen.checkpoint import TrainingCheckpoint
+from masc_llamagen.weights import CheckpointError
 
 NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 

@@ -8,12 +8,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from masc_llamagen.checkpoint import load_vq
 from masc_llamagen.masc.heads import Vocabulary
 from masc_llamagen.models.gpt import GPT
 from masc_llamagen.models.sampling import SamplingConfig
 from masc_llamagen.train.ema import EMA
 from masc_llamagen.utils.images import save_grid
+from masc_llamagen.weights import load_vq
 
 
 class TrainingSampler:
