@@ -550,7 +550,7 @@ def heldout_codes(cfg, n: int, root: Path) -> Path:
 def coarse_mappings(plan: Plan, tokenizer: str, root: Path) -> dict:
     """label -> (N,) mapping of every coarse arm on this tokenizer (built once, cached under artifacts/trees)."""
     from masc_llamagen.data.codes import CodeDataset
-    from masc_llamagen.masc.vocab import vocabulary_from_config
+    from masc_llamagen.masc.vocabulary import vocabulary_from_config
     from masc_llamagen.train.build import tokenizer_codebook
 
     out = {}

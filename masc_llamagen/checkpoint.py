@@ -114,7 +114,7 @@ class TrainingCheckpoint:
 
     def vocabulary(self, decoder: str | None = None, smoothing: float = 1.0):
         """The head the model was trained with; ``decoder`` swaps its member decoder (training-code counts)."""
-        from masc_llamagen.masc.heads import Vocabulary, build_vocabulary
+        from masc_llamagen.masc.vocabulary import Vocabulary, build_vocabulary
 
         head = self.head
         if not head:
@@ -131,7 +131,7 @@ class ForSampling:
     """What sampling and evaluation take from a training checkpoint, checked against each other."""
 
     model: torch.nn.Module  # GPT in eval mode on the CPU, EMA weights if asked and saved
-    vocabulary: Any  # masc_llamagen.masc.heads.Vocabulary
+    vocabulary: Any  # masc_llamagen.masc.vocabulary.Vocabulary
     vq: torch.nn.Module  # the tokenizer that decodes the samples (its fingerprint matches the training one)
     vq_checkpoint: str
     model_config: Any  # GPTConfig

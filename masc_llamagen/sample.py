@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from masc_llamagen.checkpoint import ForSampling, load_for_sampling
 from masc_llamagen.errors import user_errors
-from masc_llamagen.masc.heads import HeadError, Vocabulary
+from masc_llamagen.masc.vocabulary import HeadError, Vocabulary
 from masc_llamagen.models.sampling import SamplingConfig, SamplingError, check_null_class, generate
 from masc_llamagen.sample_config import SampleConfig, SampleConfigError, register, validate
 from masc_llamagen.utils.images import to_uint8_numpy

@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from masc_llamagen.errors import ConfigError
-from masc_llamagen.masc.heads import DECODERS
+from masc_llamagen.masc.vocabulary import DECODERS
 from masc_llamagen.models.sampling import SamplingConfig, SamplingError
 
 LABEL_MODES = ("balanced", "random")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from masc_llamagen.eval.likelihood import heldout_diagnostics, normalized_entropy
-from masc_llamagen.masc.heads import build_vocabulary
+from masc_llamagen.masc.vocabulary import build_vocabulary
 from masc_llamagen.models.gpt import GPT, gpt_config
 
 N, K, CLASSES, TOKENS = 24, 6, 3, 9

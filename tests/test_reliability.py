@@ -258,8 +258,8 @@ def test_user_errors_exit_1_with_one_line(capsys, error, expected):
 def test_every_error_class_is_a_mascerror():
     from masc_llamagen.data.codes import CodeFormatError
     from masc_llamagen.data.images import DatasetNotFoundError
-    from masc_llamagen.masc.heads import HeadError
     from masc_llamagen.masc.tree import TreeError
+    from masc_llamagen.masc.vocabulary import HeadError
     from masc_llamagen.models.sampling import SamplingError
     from masc_llamagen.weights import CheckpointError
 

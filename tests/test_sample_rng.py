@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from masc_llamagen.masc.heads import build_vocabulary
+from masc_llamagen.masc.vocabulary import build_vocabulary
 from masc_llamagen.models.gpt import GPT, gpt_config
 from masc_llamagen.models.sampling import SamplingConfig, check_null_class, generate, inverse_cdf
 from masc_llamagen.sample import sample_seed, sample_tokens, sample_uniforms

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from masc_llamagen.masc.heads import Vocabulary, bits, marginal_coarse_nll
+from masc_llamagen.masc.vocabulary import Vocabulary, bits, marginal_coarse_nll
 
 
 def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """MASC: the codebook's average-linkage tree, its cuts, and the baseline mappings behind the same interface.
 
 Modules, bottom up: ``linkage`` (the algorithm), ``members`` (a mapping's validator and member table), ``tree``
-(the tree file), ``mappings`` (baselines), ``heads`` and ``vocab`` (torch), ``tree_cli`` (the job). Names are
-loaded on first use, so importing the package costs nothing and ``python -m masc_llamagen.masc.tree_cli`` does
-not import its own module twice.
+(the tree file), ``mappings`` (baselines), ``vocabulary`` (torch: the Vocabulary a head names), ``tree_cli`` and
+``replacement`` (the jobs). Names are loaded on first use, so importing the package costs nothing and
+``python -m masc_llamagen.masc.tree_cli`` does not import its own module twice.
 """
 
 from importlib import import_module

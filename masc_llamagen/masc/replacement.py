@@ -17,8 +17,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from masc_llamagen.errors import ConfigError, user_errors
-from masc_llamagen.masc.heads import build_vocabulary
 from masc_llamagen.masc.mappings import MAPPING_METHODS, build_mapping
+from masc_llamagen.masc.vocabulary import build_vocabulary
 from masc_llamagen.tokenizer.metrics import DATA_RANGE, images_to_uint8, ssim
 from masc_llamagen.utils.io import atomic_write_json
 

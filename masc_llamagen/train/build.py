@@ -17,8 +17,7 @@ from torch.utils.data import DataLoader
 
 from masc_llamagen.checkpoint import TokenizerRecord, TrainingCheckpoint
 from masc_llamagen.errors import TrainingError
-from masc_llamagen.masc.heads import Vocabulary
-from masc_llamagen.masc.vocab import vocabulary_from_config
+from masc_llamagen.masc.vocabulary import Vocabulary, vocabulary_from_config
 from masc_llamagen.models.gpt import GPT, TransformerBlock, gpt_config
 from masc_llamagen.train.batches import CaptionCollate, EpochIndexed, EpochIndexedCaptions, StepBatches, collate
 from masc_llamagen.train.checkpointing import restore_rng

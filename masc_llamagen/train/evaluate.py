@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from masc_llamagen.masc.heads import Vocabulary
+from masc_llamagen.masc.vocabulary import Vocabulary
 from masc_llamagen.models.gpt import GPT
 from masc_llamagen.models.sampling import SamplingConfig
 from masc_llamagen.train.ema import EMA

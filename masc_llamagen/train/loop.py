@@ -22,7 +22,7 @@ from masc_llamagen.checkpoint import TrainingCheckpoint
 from masc_llamagen.config import validate
 from masc_llamagen.errors import TrainingError
 from masc_llamagen.eval.likelihood import normalized_entropy
-from masc_llamagen.masc.heads import bits, marginal_coarse_nll
+from masc_llamagen.masc.vocabulary import bits, marginal_coarse_nll
 from masc_llamagen.train.build import accelerator, build_run
 from masc_llamagen.train.checkpointing import (
     capture_rng,

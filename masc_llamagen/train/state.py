@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from masc_llamagen.checkpoint import TokenizerRecord
 from masc_llamagen.errors import TrainingError
-from masc_llamagen.masc.heads import Vocabulary
+from masc_llamagen.masc.vocabulary import Vocabulary
 from masc_llamagen.models.gpt import GPT
 from masc_llamagen.train.checkpointing import last_good_checkpoint
 from masc_llamagen.train.ema import EMA

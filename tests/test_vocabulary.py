@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from masc_llamagen.masc.heads import HeadError, Vocabulary, build_vocabulary, marginal_coarse_nll, member_log_probs
 from masc_llamagen.masc.linkage import TreeError
 from masc_llamagen.masc.members import cluster_members
+from masc_llamagen.masc.vocabulary import HeadError, Vocabulary, build_vocabulary, marginal_coarse_nll, member_log_probs
 
 N, K = 30, 7
 

@@ -1,4 +1,6 @@
-"""Vocabularies the GPT is trained on: LlamaGen's flat N-way one, or a coarse k-way one from a token->cluster map.
+"""The Vocabulary a GPT is trained on: LlamaGen's flat N-way one, or a coarse k-way one from a token->cluster map.
+A head (the ``head=`` config group) names one; :func:`vocabulary_from_config` builds it, caching trees and baseline
+mappings by codebook fingerprint so every k of a sweep cuts the same dendrogram.
 
 A head is data (a mapping and member probabilities) plus two small functions: ``encode`` turns fine tokens into the
 ids the model sees (inputs and targets), ``decode`` turns sampled ids back into fine tokens for the VQ decoder. The
@@ -19,13 +21,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from masc_llamagen.errors import MascError
-from masc_llamagen.masc.members import MemberTable, cluster_members
+from masc_llamagen.masc.linkage import check_k
+from masc_llamagen.masc.mappings import LINKAGES, MAPPING_METHODS, build_mapping
+from masc_llamagen.masc.members import MemberTable, cluster_members, validate_mapping
+from masc_llamagen.masc.tree import build_tree, codebook_sha256, load_tree, save_mapping, verify_fingerprint
 
 LN2 = math.log(2.0)
 DECODERS = ("uniform", "frequency")
@@ -208,3 +215,61 @@ def build_vocabulary(name: str, codebook_size: int, mapping=None, decoder: str =
 
 def bits(nats: torch.Tensor | float) -> torch.Tensor | float:
     return nats / LN2
+
+
+HEADS = ("flat", *MAPPING_METHODS)
+
+
+def tree_for(codebook: np.ndarray, method: str, normalize: bool, tree_path: str | None, cache_dir: Path):
+    """Load (and verify) or build-and-cache the dendrogram of ``codebook``."""
+    if tree_path:
+        tree = load_tree(tree_path)
+        verify_fingerprint(tree.fingerprint, codebook, source="the tokenizer in use")
+        if tree.method != method or tree.normalized != normalize:
+            raise HeadError(f"tree {tree_path} was built with method={tree.method}, normalize={tree.normalized} but "
+                            f"the head asks for method={method}, normalize={normalize}; rebuild or change the head")
+        return tree
+    sha = codebook_sha256(np.asarray(codebook, dtype=np.float32))[:16]
+    path = Path(cache_dir) / f"tree-{method}-{'l2' if normalize else 'raw'}-{sha}.npz"
+    if path.is_file():
+        tree = load_tree(path)
+        verify_fingerprint(tree.fingerprint, codebook, source="the tokenizer in use")
+        return tree
+    tree = build_tree(codebook, normalize=normalize, method=method)
+    tree.save(path)
+    return tree
+
+
+def mapping_for(codebook: np.ndarray, method: str, k: int, seed: int, normalize: bool, cache_dir: Path) -> np.ndarray:
+    """Baseline mappings (k-means takes minutes at N = 16384) are computed once per codebook and cached."""
+    sha = codebook_sha256(np.asarray(codebook, dtype=np.float32))[:16]
+    path = Path(cache_dir) / f"mapping-{method}-k{k}-seed{seed}-{'l2' if normalize else 'raw'}-{sha}.npy"
+    if path.is_file():
+        return validate_mapping(np.load(path, allow_pickle=False), int(codebook.shape[0]), k, source=str(path))
+    mapping = build_mapping(method, codebook, k, seed=seed, normalize=normalize)
+    save_mapping(path, mapping)
+    return mapping
+
+
+def vocabulary_from_config(head: Any, codebook: np.ndarray, counts: np.ndarray | None,
+                           cache_dir: Path) -> tuple[Vocabulary, dict]:
+    """(Vocabulary, provenance dict) for a head config (name, k, decoder, smoothing, normalize, seed, tree)."""
+    name = head.name
+    n = int(codebook.shape[0])
+    if name not in HEADS:
+        raise HeadError(f"unknown head {name!r}; choose one of {', '.join(HEADS)}")
+    info: dict = {"head": name, "codebook_sha256": codebook_sha256(np.asarray(codebook, dtype=np.float32))}
+    if name == "flat":
+        return build_vocabulary("flat", n), info
+    k = check_k(head.k, n)
+    if name == "masc" or name in LINKAGES:
+        method = "average" if name == "masc" else name
+        tree = tree_for(codebook, method, head.normalize, head.tree, cache_dir)
+        mapping = tree.mapping(k)
+        info.update(tree_method=method, tree_normalized=tree.normalized)
+    else:
+        mapping = mapping_for(codebook, name, k, head.seed, head.normalize, cache_dir)
+        info.update(seed=head.seed, normalized=head.normalize)
+    voc = build_vocabulary(name, n, mapping, decoder=head.decoder, counts=counts, smoothing=head.smoothing)
+    info.update(k=k, decoder=head.decoder)
+    return voc, info
