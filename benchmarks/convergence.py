@@ -512,7 +512,7 @@ def _build_small_tokenizer(tok: Tokenizer, root: Path) -> bool:
 
     from masc_llamagen.data.extract import extract_codes
     from masc_llamagen.data.images import build_image_dataset
-    from masc_llamagen.tokenizer.train import train_tokenizer
+    from masc_llamagen.train.tokenizer import train_tokenizer
     from masc_llamagen.weights import load_vq
 
     ckpt = root / "tokenizers" / f"{tok.name}.safetensors"

@@ -1,5 +1,6 @@
-"""Tokenizer training: a real (short) run on Fashion-MNIST, dead-code re-seeding, the output's loaders, the
-up-to-date skip, and the PSNR/SSIM metrics against hand computations and skimage."""
+"""Tokenizer training: a real (short) run on Fashion-MNIST, exact resume after a stop or a kill, dead-code
+re-seeding, the output's loaders, the up-to-date skip (old reports included), one-line config errors, and the
+PSNR/SSIM metrics against hand computations and skimage."""
 
 from __future__ import annotations
 
@@ -14,24 +15,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from masc_llamagen.checkpoint import load_vq
 from masc_llamagen.data.images import build_image_dataset, default_root
-from masc_llamagen.tokenizer.metrics import codebook_stats, images_to_uint8, psnr, ssim
-from masc_llamagen.tokenizer.train import (
+from masc_llamagen.errors import ConfigError, TrainingError
+from masc_llamagen.tokenizer.losses import (
     PERCEPTUAL_LOSSES,
     PatchDiscriminator,
     PerceptualUnavailableError,
-    TokenizerTrainError,
     VGGPerceptual,
-    build_vq_config,
     hinge_d_loss,
     register_perceptual,
-    reseed_dead_codes,
-    resolve_config,
-    train_tokenizer,
-    up_to_date_report,
 )
+from masc_llamagen.tokenizer.metrics import codebook_stats, psnr, ssim
+from masc_llamagen.tokenizer.reseed import reseed_dead_codes
 from masc_llamagen.tokenizer.vq import VectorQuantizer, VQModel
+from masc_llamagen.train.tokenizer import report_path, run_dir_of, train_tokenizer, up_to_date_report
+from masc_llamagen.train.tokenizer_config import build_vq_config, config_record, resolve_config
+from masc_llamagen.weights import load_vq
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_FASHION = (default_root("fashion_mnist") / "train-images-idx3-ubyte.gz").is_file()
@@ -40,7 +39,12 @@ needs_fashion = pytest.mark.skipif(
 
 # A few-second run: enough steps for the loss to fall well below a fresh model's, on real images.
 SMALL = {"steps": 20, "batch_size": 16, "lr": 2e-3, "warmup_steps": 2, "reseed_every": 5, "eval_images": 48,
-         "rfid_images": 0, "eval_batch_size": 48, "num_threads": 1, "progress": False, "seed": 0}
+         "rfid_images": 0, "eval_batch_size": 48, "num_threads": 1, "progress": False, "seed": 0,
+         "logger": {"kind": "none"}}
+# Resume runs: a handful of images per step, every optional term on, so each piece of state must come back.
+TINY = {**SMALL, "steps": 9, "batch_size": 4, "warmup_steps": 1, "reseed_every": 3, "eval_images": 8,
+        "eval_batch_size": 8, "ckpt_every": 3, "log_every": 1, "adversarial_weight": 0.5, "disc_start": 2,
+        "disc_ch": 8, "data": {"random_flip": True}}
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +57,6 @@ def trained(tmp_path_factory) -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics
-
-
-def test_images_to_uint8_is_llamagens_mapping():
-    x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 5)
-    assert images_to_uint8(x).flatten().tolist() == [0, 0, 128, 255, 255]
-    u = torch.arange(256, dtype=torch.float32).view(1, 1, 16, 16)
-    assert torch.equal(images_to_uint8(u / 127.5 - 1).flatten(), torch.arange(256, dtype=torch.uint8))
 
 
 def test_psnr_matches_hand_computation():
@@ -162,8 +159,7 @@ def test_training_reduces_loss_on_real_images(trained):
 
 @needs_fashion
 def test_output_loads_and_tree_build_accepts_it(trained, tmp_path):
-    from masc_llamagen.masc.tree import load_codebook
-    from masc_llamagen.masc.tree import main as tree_main
+    from masc_llamagen.masc.tree_cli import TreeJob, load_codebook, run
 
     cfg, report = trained
     model = load_vq(cfg["out"])  # no config flag: the file describes itself
@@ -171,7 +167,7 @@ def test_output_loads_and_tree_build_accepts_it(trained, tmp_path):
     cb = load_codebook(cfg["out"])
     assert cb.shape == (1024, 8)
     assert np.allclose(cb, model.quantize.embedding.weight.detach().numpy())
-    assert tree_main(["build", cfg["out"], "--out", str(tmp_path / "tree.npz")]) == 0
+    assert run(TreeJob(action="build", codebook=cfg["out"], tree=str(tmp_path / "tree.npz"))).is_file()
 
 
 @needs_fashion
@@ -186,11 +182,91 @@ def test_skip_if_up_to_date(trained):
     assert up_to_date_report({**cfg, "vq": {"codebook_size": 512}}) is None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Exact resume
+
+
+def _same_weights(a, b) -> bool:
+    """Tensor for tensor: the files' bytes (and SHA-256) may differ, safetensors orders its metadata at random."""
+    sa, sb = load_vq(a).state_dict(), load_vq(b).state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[dict, dict]:
+    if not HAVE_FASHION:
+        pytest.skip("Fashion-MNIST absent (sudo apt-get install -y dataset-fashion-mnist)")
+    cfg = {**TINY, "out": str(tmp_path_factory.mktemp("whole") / "vq.safetensors")}
+    return cfg, train_tokenizer(cfg)
+
+
+@needs_fashion
+def test_stopped_and_resumed_run_is_bit_identical(uninterrupted, tmp_path):
+    ref_cfg, ref = uninterrupted
+    cfg = {**TINY, "out": str(tmp_path / "vq.safetensors")}
+    first = train_tokenizer({**cfg, "stop_after": 5})  # between checkpoints, after a re-seed and the GAN's start
+    assert first["stopped"] is True and first["step"] == 5 and not Path(cfg["out"]).exists()
+    assert up_to_date_report(cfg) is None
+    done = train_tokenizer(cfg)
+    assert done["resumed_from"] == 5 and _same_weights(cfg["out"], ref_cfg["out"])
+    assert done["final_losses"] == ref["final_losses"] and done["reseeded_codes_total"] == ref["reseeded_codes_total"]
+    assert not (run_dir_of(resolve_config(cfg)) / "train_state.pt").exists()  # finished: nothing left to resume
+    ref_rows = (run_dir_of(resolve_config(ref_cfg)) / "metrics.jsonl").read_text().splitlines()
+    rows = (run_dir_of(resolve_config(cfg)) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [json.loads(r)["step"] for r in ref_rows]
+
+
+@needs_fashion
+def test_killed_run_resumes_from_its_last_checkpoint(uninterrupted, tmp_path):
+    """A kill loses the steps after the last periodic checkpoint; they are trained again, to the same weights."""
+    ref_cfg, ref = uninterrupted
+    cfg = {**TINY, "out": str(tmp_path / "vq.safetensors")}
+    state = run_dir_of(resolve_config(cfg)) / "train_state.pt"
+    train_tokenizer({**cfg, "stop_after": 3})  # the periodic checkpoint at step 3 ...
+    at_3 = state.read_bytes()
+    train_tokenizer({**cfg, "stop_after": 4})  # ... then 4 more steps logged; killed before the next checkpoint
+    state.write_bytes(at_3)
+    done = train_tokenizer(cfg)
+    assert done["resumed_from"] == 3 and _same_weights(cfg["out"], ref_cfg["out"])
+    assert done["final_losses"] == ref["final_losses"]
+    steps = [json.loads(r)["step"] for r in (state.parent / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps) - 1  # only the eval row shares the last step
+
+
+@needs_fashion
+def test_resume_refuses_a_state_of_another_config(tmp_path):
+    cfg = {**TINY, "out": str(tmp_path / "vq.safetensors")}
+    train_tokenizer({**cfg, "stop_after": 2})
+    with pytest.raises(TrainingError, match=r"lr: 0\.002 -> 0\.001.*resume=false"):
+        train_tokenizer({**cfg, "lr": 1e-3})
+    assert train_tokenizer({**cfg, "lr": 1e-3, "resume": False, "stop_after": 1})["step"] == 1
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_two_processes_train_what_one_does(tmp_path):
+    """DDP on 2 CPU processes (gloo) sees the same global batches and re-seeds the same codes as 1 process."""
+    cfg = {**TINY, "adversarial_weight": 0.0, "data": {"random_flip": False}, "device": "cpu",
+           "out": str(tmp_path / "one.safetensors")}
+    one = train_tokenizer(cfg)
+    args = [f"{k}={v}" for k, v in cfg.items() if k not in ("logger", "data", "out")]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                          "masc_llamagen.train.tokenizer", *args, "logger.kind=none",
+                          f"out={tmp_path / 'two.safetensors'}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    two = json.loads(report_path(tmp_path / "two.safetensors").read_text())
+    assert two["processes"] == 2 and two["reseeded_codes_total"] == one["reseeded_codes_total"]
+    a = dict(load_vq(cfg["out"]).named_parameters())
+    b = dict(load_vq(tmp_path / "two.safetensors").named_parameters())
+    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)  # gradients averaged in another order only
+
+
 @needs_fashion
 def test_cli_reports_up_to_date(trained):
     cfg, _ = trained
-    args = [f"{k}={v}" for k, v in cfg.items()]
-    res = subprocess.run([sys.executable, "-m", "masc_llamagen.tokenizer.train", *args], cwd=ROOT,
+    args = [f"{k}={v}" for k, v in cfg.items() if k != "logger"] + ["logger.kind=none"]
+    res = subprocess.run([sys.executable, "-m", "masc_llamagen.train.tokenizer", *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "up to date" in res.stdout and "PSNR" in res.stdout
@@ -264,12 +340,57 @@ def test_config_defaults_and_bad_keys(tmp_path, monkeypatch):
     cfg = resolve_config()
     assert cfg.out == f"{tmp_path}/tokenizers/fmnist_vq_tiny.safetensors"
     assert list(cfg.betas) == [0.9, 0.95] and cfg.perceptual_weight == 0 and cfg.adversarial_weight == 0
+    assert cfg.logger.kind == "wandb" and cfg.logger.mode == "offline"  # the GPT's logger, never online unasked
     vq = build_vq_config(resolve_config({"vq": {"codebook_size": 512, "overrides": {"z_channels": 32}}}).vq)
     assert vq.codebook_size == 512 and vq.z_channels == 32 and vq.commit_loss_beta == 0.25 and vq.ch == 32
-    with pytest.raises(TokenizerTrainError, match="stepz"):
-        resolve_config({"stepz": 3})
-    with pytest.raises(ValueError, match="no_such_field"):
+    with pytest.raises(ConfigError, match="no_such_field"):
         build_vq_config(resolve_config({"vq": {"overrides": {"no_such_field": 1}}}).vq)
+
+
+@pytest.mark.parametrize("bad, names", [
+    ({"stepz": 3}, ["stepz"]),
+    ({"steps": "many"}, ["steps"]),
+    ({"steps": 0, "lr": -1.0}, ["steps=0", "lr=-1.0"]),
+    ({"mixed_precision": "fp8", "recon_loss": "l3"}, ["mixed_precision", "recon_loss"]),
+    ({"betas": [0.9]}, ["betas"]),
+    ({"data": {"image_size": 0}, "logger": {"kind": "mlflow"}}, ["data.image_size", "logger.kind"]),
+])
+def test_bad_config_is_one_config_error(bad, names, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        train_tokenizer({**bad, "out": str(tmp_path / "x.safetensors")})
+    msg = str(e.value)
+    assert "\n" not in msg and all(n in msg for n in names), msg
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_bad_value_is_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "masc_llamagen.train.tokenizer", "steps=0", "logger.kind=none",
+                          f"out={tmp_path / 'x.safetensors'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == ["error: steps=0 must be >= 1"]
+
+
+def _reports() -> list[Path]:
+    found = os.environ.get("MASC_ARTIFACTS", str(ROOT / "artifacts"))
+    return sorted((Path(found) / "tokenizers").glob("*.safetensors.json"))
+
+
+@pytest.mark.skipif(not _reports(), reason="no tokenizer report under artifacts/tokenizers (make train writes one)")
+def test_reports_written_before_the_schema_stay_up_to_date():
+    """Every stored report's config record goes through the schema unchanged, so the skip still recognises it."""
+    for path in _reports():
+        record = json.loads(path.read_text())["config"]
+        assert config_record(resolve_config(record)) == record, path
+
+
+@pytest.mark.skipif(not any(p.name == "fmnist_vq_tiny.safetensors.json" for p in _reports()),
+                    reason="artifacts/tokenizers/fmnist_vq_tiny.safetensors.json absent (make train writes it)")
+def test_default_config_is_the_default_tokenizers():
+    """`make train` passes only out and rfid_images; the rest of the default tokenizer's record is the schema's."""
+    path = next(p for p in _reports() if p.name == "fmnist_vq_tiny.safetensors.json")
+    record = json.loads(path.read_text())["config"]
+    passed = {k: record[k] for k in ("out", "rfid_images")}
+    assert config_record(resolve_config(passed)) == record
 
 
 def test_hydra_config_composes():
@@ -279,3 +400,20 @@ def test_hydra_config_composes():
         cfg = compose("vq_train", overrides=["steps=7", "vq.codebook_size=256", "+vq.overrides.ch=64"])
     assert cfg.steps == 7 and cfg.vq.codebook_size == 256 and cfg.vq.overrides.ch == 64
     assert build_vq_config(resolve_config(cfg).vq).ch == 64
+    from hydra.errors import ConfigCompositionException
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match="stepz"):  # the schema refuses typos at compose time
+            compose("vq_train", overrides=["stepz=3"])
+        appended = compose("vq_train", overrides=["+stepz=3"])  # Hydra's + opens the struct; the schema does not
+    with pytest.raises(ConfigError, match="stepz"):
+        resolve_config(appended)
+
+
+def test_tokenizer_package_does_not_import_eval():
+    """eval sits above the tokenizer: rFID comes in as a callable, so importing the trainer loads no eval module."""
+    code = ("import sys, masc_llamagen.train.tokenizer; "
+            "print(sorted(m for m in sys.modules if m.startswith('masc_llamagen.eval')))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"

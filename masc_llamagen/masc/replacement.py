@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from masc_llamagen.errors import ConfigError, user_errors
 from masc_llamagen.masc.mappings import MAPPING_METHODS, build_mapping
 from masc_llamagen.masc.vocabulary import build_vocabulary
-from masc_llamagen.tokenizer.metrics import DATA_RANGE, images_to_uint8, ssim
+from masc_llamagen.tokenizer.metrics import DATA_RANGE, ssim
+from masc_llamagen.utils.images import to_uint8
 from masc_llamagen.utils.io import atomic_write_json
 
 
@@ -58,7 +59,7 @@ def replacement_scores(vq, images: torch.Tensor, mapping: np.ndarray, seed: int 
         plain = vq.decode_code(idx)
         swapped = voc.decode(voc.encode(idx), generator=g)
         changed += (swapped != idx).float().sum().item()
-        a, b = images_to_uint8(vq.decode_code(swapped)), images_to_uint8(plain)
+        a, b = to_uint8(vq.decode_code(swapped)), to_uint8(plain)
         sq += (a.double() - b.double()).pow(2).sum().item()
         px += a.numel()
         ss.append(ssim(a, b))

@@ -2,7 +2,7 @@
 
 Both work on ``(N, H, W, C)`` uint8 images (the layout of ADM ``.npz`` files and FID tools) and return one value per
 image, so callers average however they report. Images are first mapped to uint8 with LlamaGen's
-``clamp(127.5 x + 128, 0, 255)`` (truncating, i.e. rounding half up), so the numbers are those of the saved PNGs.
+``clamp(127.5 x + 128, 0, 255)`` (masc_llamagen.utils.images.to_uint8), so the numbers are those of the saved PNGs.
 """
 
 from __future__ import annotations
@@ -17,11 +17,6 @@ SSIM_SIGMA = 1.5  # Wang et al. (2004): 11 x 11 Gaussian window, sigma 1.5, K1 =
 SSIM_TRUNCATE = 3.5  # radius int(3.5 * 1.5 + 0.5) = 5 -> 11 taps, as skimage's gaussian_weights=True
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 DATA_RANGE = 255.0
-
-
-def images_to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] ``(N, C, H, W)`` -> uint8 ``(N, H, W, C)`` by LlamaGen's mapping (decoder output is unclamped)."""
-    return torch.clamp(127.5 * x.detach().float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def _as_tensor(images) -> torch.Tensor:
