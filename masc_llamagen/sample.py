@@ -16,10 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import hydra
@@ -33,7 +32,7 @@ from masc_llamagen.masc.vocabulary import HeadError, Vocabulary
 from masc_llamagen.models.sampling import SamplingConfig, SamplingError, check_null_class, generate
 from masc_llamagen.sample_config import SampleConfig, SampleConfigError, register, validate
 from masc_llamagen.utils.images import to_uint8_numpy
-from masc_llamagen.utils.io import fsync_dir
+from masc_llamagen.utils.io import atomic_open
 from masc_llamagen.weights import CheckpointError
 
 register()  # sample.yaml lists the typed schema (base_sample) first in its defaults
@@ -140,8 +139,8 @@ class _NpzWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in commit/abort
+        self._stack = ExitStack()  # the atomic writer stays open across batches; __exit__ commits or discards it
+        self._file = self._stack.enter_context(atomic_open(self.path, "wb"))
         self._zip = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED, allowZip64=True)
         self._open: _Rows | None = None
 
@@ -157,23 +156,18 @@ class _NpzWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:  # leave whatever was at path untouched, and no temp file behind
-            try:
-                if self._open is not None:
-                    self._open._f.close()
+        try:
+            if exc_type is None:
                 self._zip.close()
-            except Exception:  # noqa: BLE001 - the original error is the one to report
-                pass
-            finally:
-                self._file.close()
-                self._tmp.unlink(missing_ok=True)
-            return
-        self._zip.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)
-        fsync_dir(self.path.parent)
+            else:  # leave whatever was at path untouched: close what is open, the atomic writer drops the temp file
+                try:
+                    if self._open is not None:
+                        self._open._f.close()
+                    self._zip.close()
+                except Exception:  # noqa: BLE001 - the original error is the one to report
+                    pass
+        finally:
+            self._stack.__exit__(exc_type, exc, tb)
 
 
 @contextmanager
