@@ -36,6 +36,7 @@ parity: setup
 	$(PY) -m masc_llamagen.parity tests/fixtures/llamagen
 
 # The CPU-sized default job end to end: tokenizer, codes, tree, GPT (head=masc), samples, FID, report.
+# ARGS are Hydra overrides: training keys and pipeline.* (e.g. ARGS='pipeline.stages=[tokenizer,codes] head=flat').
 train: setup
 	@scripts/ensure_data.sh
 	$(PY) -m masc_llamagen.pipeline $(ARGS)

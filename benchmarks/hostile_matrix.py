@@ -147,11 +147,12 @@ def main() -> None:
 
     (work / "text.npz").write_text("hello\n")
     np.savez(work / "obj.npz", arr_0=np.array([object(), 1], dtype=object))
-    evals = {"eval on a text .npz": [str(work / "text.npz"), "fashion_mnist"],
-             "eval on an object-array npz": [str(work / "obj.npz"), "fashion_mnist"],
-             "eval with a mistyped reference folder": [str(work / "obj.npz"), str(work / "refs_fodler")]}
-    for name, argv in evals.items():
-        rc, err = _run([py, "-m", "masc_llamagen.eval", *argv, "--device", "cpu"], work, repo)
+    evals = {"eval on a text .npz": (work / "text.npz", "fashion_mnist"),
+             "eval on an object-array npz": (work / "obj.npz", "fashion_mnist"),
+             "eval with a mistyped reference folder": (work / "obj.npz", work / "refs_fodler")}
+    for name, (generated, reference) in evals.items():
+        rc, err = _run([py, "-m", "masc_llamagen.eval", f"generated={generated}", f"reference={reference}",
+                        "device=cpu"], work, repo)
         results[name] = _classify(rc, err)
 
     rc, err = _run([py, "-m", "masc_llamagen.tree", "action=cut", f"tree={text}", "k=4", f"mapping={work / 'm.npy'}"],

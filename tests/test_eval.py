@@ -10,8 +10,10 @@ import gzip
 import json
 import os
 import subprocess
+import sys
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,8 +21,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from masc_llamagen.errors import user_errors  # noqa: E402
 from masc_llamagen.eval import inception as inc  # noqa: E402
 from masc_llamagen.eval.__main__ import main as eval_main  # noqa: E402
+from masc_llamagen.eval.job import EvalJob, evaluate  # noqa: E402
 from masc_llamagen.eval.metrics import (  # noqa: E402
     METRIC_KEYS,
     EvalError,
@@ -35,6 +39,25 @@ FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 N = 48
 LAYER = "768"  # deep enough to exercise the random network, with a ~1 s FID eigen-solve
 PLUMBING_LAYER = "192"  # tests of plumbing (agreement, CLI) only need some layer: the stem is 3x cheaper
+
+
+def eval_cli(*overrides) -> int:
+    """``python -m masc_llamagen.eval KEY=VALUE ...`` in this process (Hydra parses the overrides): the exit status."""
+    with mock.patch.object(sys, "argv", ["masc_llamagen.eval", *map(str, overrides)]):
+        try:
+            eval_main()
+        except SystemExit as e:
+            return e.code
+    return 0
+
+
+def eval_fails(capsys, **job) -> str:
+    """``evaluate`` through the entry points' error path: asserts exit 1 and returns the one line on stderr."""
+    with pytest.raises(SystemExit) as e, user_errors():
+        evaluate(EvalJob(**{k: str(v) if isinstance(v, Path) else v for k, v in job.items()}))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err
 
 
 def real_images(n: int, offset: int) -> np.ndarray:
@@ -210,17 +233,16 @@ def test_inception_score_refused_without_logits(env, tmp_path):
                         inception_score=True, device="cpu")
 
 
-def test_cli_checkpoint_exits_2_with_message(tmp_path, capsys):
+def test_cli_checkpoint_exits_1_with_message(tmp_path, capsys):
     ckpt = tmp_path / "last.pt"
     torch.save({"model": {}}, ckpt)
-    assert eval_main([str(ckpt)]) == 2
-    assert "not a masc-llamagen training checkpoint" in capsys.readouterr().err
+    assert "not a masc-llamagen training checkpoint" in eval_fails(capsys, generated=ckpt)
 
     proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "eval.sh"), str(ckpt)], capture_output=True, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        ["bash", str(REPO / "scripts" / "eval.sh"), str(ckpt), "fashion_mnist", "device=cpu"], capture_output=True,
+        text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    assert proc.returncode == 2 and "not a masc-llamagen training checkpoint" in proc.stderr
+    assert proc.returncode == 1 and "not a masc-llamagen training checkpoint" in proc.stderr
 
 
 def test_cli_writes_json_reference_from_sidecar(env, capsys):
@@ -229,8 +251,8 @@ def test_cli_writes_json_reference_from_sidecar(env, capsys):
     samples = save_npz(d / "samples.npz", np.load(env["real2"])["arr_0"][:6])
     ref = save_npz(env["dir"] / "ref6.npz", env["real"][:6])
     (d / "samples.npz.json").write_text(json.dumps({"dataset": str(ref)}))
-    rc = eval_main([str(samples), "--weights", str(env["weights"]), "--cache-dir", str(env["cache"]),
-                    "--feature-layer", PLUMBING_LAYER, "--device", "cpu", "--quiet"])
+    rc = eval_cli(f"generated={samples}", f"weights={env['weights']}", f"cache_dir={env['cache']}",
+                  f"feature_layer={PLUMBING_LAYER}", "device=cpu", "quiet=true")
     assert rc == 0
     out = json.loads((d / "samples_metrics.json").read_text())
     for k in (*METRIC_KEYS, "n_generated", "n_reference", "generated", "reference"):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_eval import real_images
+from test_eval import eval_cli, eval_fails, real_images
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
@@ -23,7 +23,6 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
 from masc_llamagen.eval import inception as inc
-from masc_llamagen.eval.__main__ import main as eval_main
 from masc_llamagen.eval.metrics import EvalError, compute_metrics, dataset_reference_npz, read_npz_images
 
 LAYER = "192"
@@ -126,7 +125,7 @@ def test_statistics_only_reference_gives_fid_alone_and_says_why(env, tmp_path):
     assert "no arr_0" in r["absent_metrics"]["kid"] and "no arr_0" in r["absent_metrics"]["precision_recall"]
     assert r["n_reference"] is None and r["reference_stored_statistics_used"] is True
 
-    with pytest.raises(EvalError, match=r"stored mu/sigma are 192-d .* no arr_0.*--feature-layer 192"):
+    with pytest.raises(EvalError, match=r"stored mu/sigma are 192-d .* no arr_0.*feature_layer=192"):
         score(env, gen, ref, tmp_path / "c", feature_layer="64")
 
 
@@ -260,11 +259,6 @@ def test_dataset_reference_rebuilt_when_its_files_change(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # One-line errors, warnings, what the JSON records
 # ---------------------------------------------------------------------------------------------------------------
-def _cli(args, capsys):
-    rc = eval_main([str(a) for a in args])
-    return rc, capsys.readouterr().err
-
-
 def test_bad_inputs_are_one_line_errors(env, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "PWNED"
@@ -294,12 +288,10 @@ def test_bad_inputs_are_one_line_errors(env, tmp_path, capsys, monkeypatch):
         ([good, "refs_folder"], "refs_folder: no such file or folder"),  # a typo of refs/, not a dataset
         ([good, tmp_path / "missing" / "ref.npz"], "ref.npz: no such file or folder"),
     ]
-    for args, want in cases:
-        rc, err = _cli([*args, "--weights", env["weights"], "--cache-dir", tmp_path / "c", "--feature-layer", "64",
-                        "--device", "cpu", "--quiet"], capsys)
-        assert rc == 2, (args, err)
-        assert err.count("\n") == 1 and err.startswith("error: ") and want in err, (args, err)
-        assert "Traceback" not in err and "unknown" not in err
+    for (generated, reference), want in cases:
+        err = eval_fails(capsys, generated=generated, reference=reference, weights=env["weights"],
+                         cache_dir=tmp_path / "c", feature_layer="64", device="cpu", quiet=True)
+        assert want in err and "Traceback" not in err and "unknown" not in err, (generated, reference, err)
     with pytest.raises(EvalError, match="object array"):
         read_npz_images(objects)
     assert not marker.exists()
@@ -331,14 +323,14 @@ def test_inception_score_with_logits_and_why_it_is_absent(env, tmp_path, monkeyp
     r = score(env, gen[:6], gen[:6], tmp_path / "c", weights=tmp_path / "nologits.pth")
     assert "inception_score_mean" not in r and r["inception_weights_have_logits"] is False
     assert "no logits layer" in r["absent_metrics"]["inception_score"]
-    assert "--allow-download" in r["inception_score_note"]
+    assert "allow_download=true" in r["inception_score_note"]
 
     # Offline without a logits file: asking for IS says how to get one, in one line, before any Inception time.
     monkeypatch.delenv(inc.ENV_WEIGHTS, raising=False)
     with pytest.raises(inc.InceptionWeightsError) as e:
         compute_metrics(gen, gen, cache_dir=tmp_path / "empty", device="cpu", inception_score=True)
     msg = str(e.value)
-    assert "\n" not in msg and "--allow-download" in msg and inc.TORCH_FIDELITY_FILE in msg
+    assert "\n" not in msg and "allow_download=true" in msg and inc.TORCH_FIDELITY_FILE in msg
     assert not (tmp_path / "empty" / "inception" / inc.TORCH_FIDELITY_FILE).exists()  # nothing downloaded
 
 
@@ -352,9 +344,9 @@ def test_result_json_records_provenance_and_sampling_settings(env, tmp_path, cap
     meta = {"checkpoint": "/x/ckpt-00000004.pt", "step": 4, "head": "random", "num_samples": 6,
             "sampling": {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "seed": 0}, "dataset": str(ref)}
     (d / "samples.npz.json").write_text(json.dumps(meta))
-    rc, err = _cli([samples, "--weights", env["weights"], "--cache-dir", tmp_path / "c", "--feature-layer", "64",
-                    "--device", "cpu", "--quiet"], capsys)
-    assert rc == 0, err
+    rc = eval_cli(f"generated={samples}", f"weights={env['weights']}", f"cache_dir={tmp_path / 'c'}",
+                  "feature_layer=64", "device=cpu", "quiet=true")
+    assert rc == 0, capsys.readouterr().err
     out = json.loads((d / "samples_metrics.json").read_text())
     assert out["reference_path"] == str(ref.resolve()) and out["reference_dataset"] is None
     assert (out["n_generated"], out["n_reference"]) == (6, 8)
@@ -364,5 +356,5 @@ def test_result_json_records_provenance_and_sampling_settings(env, tmp_path, cap
     assert out["reference_stored_statistics_used"] is False and out["reference_statistics"] == "computed"
     assert out["reference_sha256"] == hashlib.sha256(b"npz\0" + ref.read_bytes()).hexdigest()
     assert out["sampling_sidecar"] == str((d / "samples.npz.json").resolve()) and out["sampling_settings"] == meta
-    assert out["inception_score_note"] == "not requested (pass --inception-score)"
+    assert out["inception_score_note"] == "not requested (pass inception_score=true)"
     assert out["feature_layer"] == "64" and out["torch_fidelity_version"]

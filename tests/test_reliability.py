@@ -331,9 +331,9 @@ CLI_CASES = [
     ("masc_llamagen.sample", ["temperature=0"], "temperature"),
     ("masc_llamagen.sample", ["decoder=bogus"], "decoder=bogus is unknown"),
     ("masc_llamagen.sample", ["dtype=fp8"], "dtype=fp8 is unknown"),
-    ("masc_llamagen.eval", ["TEXT_NPZ", "fashion_mnist"], ".npz"),
-    ("masc_llamagen.eval", ["OBJECT_NPZ", "fashion_mnist"], "arr_0"),
-    ("masc_llamagen.eval", ["GOOD_NPZ", "MISSING_DIR"], "refs_fodler"),
+    ("masc_llamagen.eval", ["generated=TEXT_NPZ", "reference=fashion_mnist"], ".npz"),
+    ("masc_llamagen.eval", ["generated=OBJECT_NPZ", "reference=fashion_mnist"], "arr_0"),
+    ("masc_llamagen.eval", ["generated=GOOD_NPZ", "reference=MISSING_DIR"], "refs_fodler"),
     ("masc_llamagen.tree", ["action=cut", "tree=text.npz", "k=4", "mapping=m.npy"], "not a MASC tree file"),
 ]
 
@@ -350,7 +350,7 @@ def test_cli_matrix(tmp_path, good_checkpoint, module, args, says):
     subst = {"TEXT_NPZ": str(tmp_path / "text.npz"), "OBJECT_NPZ": str(tmp_path / "obj.npz"),
              "GOOD_NPZ": str(tmp_path / "good.npz"),
              "MISSING_DIR": str(tmp_path / "refs_fodler"), "OUT": str(tmp_path / "m.npy")}
-    argv = [subst.get(a, a) for a in args]
+    argv = [f"{k}={subst.get(v, v)}" for k, v in (a.split("=", 1) for a in args)]  # every CLI takes key=value
     if module == "masc_llamagen.sample":
         argv = [f"checkpoint={good_checkpoint}", f"out_dir={tmp_path / 's'}", *argv]
     before = _snapshot(good_checkpoint.parent)

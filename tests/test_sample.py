@@ -66,20 +66,20 @@ def test_wrong_tokenizer_is_refused(trained, tmp_path):
         sample(cfg)
 
 
-def test_eval_cli_samples_a_checkpoint_then_scores_it(trained, tmp_path, capsys):
+def test_eval_cli_samples_a_checkpoint_then_scores_it(trained, tmp_path):
     """scripts/eval.sh CHECKPOINT: sample (EMA weights, sidecar names the data) then FID against a reference npz."""
-    from masc_llamagen.eval.__main__ import main as eval_main
     from masc_llamagen.eval.inception import random_inception_weights
+    from masc_llamagen.eval.job import EvalJob, evaluate
 
     root, ckpt = trained
     weights = random_inception_weights(tmp_path / "inception.pth", seed=0)
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
-    rc = eval_main([str(ckpt), str(ref), "--num-samples", "8", "--batch-size", "8", "--weights", str(weights),
-                    "--feature-layer", "192", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--quiet"])
-    assert rc == 0, capsys.readouterr().err
+    _, written = evaluate(EvalJob(generated=str(ckpt), reference=str(ref), num_samples=8, batch_size=8,
+                                  weights=str(weights), feature_layer="192", cache_dir=str(tmp_path / "cache"),
+                                  device="cpu", quiet=True))
     found = list((root / "run" / "samples").rglob("samples_metrics.json"))
-    assert len(found) == 1
+    assert [p.resolve() for p in found] == [written.resolve()]
     m = json.loads(found[0].read_text())
     assert m["n_generated"] == 8 and m["fid"] > 0
 

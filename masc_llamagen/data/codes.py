@@ -205,7 +205,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not f.is_file():
         raise FileNotFoundError(
             f"no packed codes at {path} ({META_FILE} missing): extract them first "
-            "(`python -m masc_llamagen.pipeline --stages tokenizer,codes` for the default data, or "
+            "(`python -m masc_llamagen.pipeline 'pipeline.stages=[tokenizer,codes]'` for the default data, or "
             "masc_llamagen.data.extract.extract_codes)"
         )
     with open(f, encoding="utf-8") as fh:

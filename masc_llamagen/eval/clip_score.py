@@ -6,10 +6,10 @@ the short side to 224, centre crop 224, OpenAI mean/std). The score is the mean 
 L2-normalised image and text embeddings: not multiplied by 100, not clipped at 0.
 
 The model is open_clip's ``ViT-B-32`` with QuickGELU (OpenAI's architecture; open_clip also ships the BPE vocabulary,
-so tokenising needs no network). Weights are never faked: they come from ``--clip-weights PATH`` (OpenAI's
+so tokenising needs no network). Weights are never faked: they come from ``clip_weights=PATH`` (OpenAI's
 ``ViT-B-32.pt``, accepted only with its published sha256 because TorchScript carries code; or an open_clip/OpenAI
 state dict as ``.safetensors`` or a plain ``torch.save`` file, read with ``weights_only=True``), or are downloaded by
-open_clip (``pretrained="openai"``) when ``--allow-download`` is given; otherwise the score is absent and the result
+open_clip (``pretrained="openai"``) when ``allow_download=true`` is given; otherwise the score is absent and the result
 says why.
 """
 
@@ -44,8 +44,8 @@ CLIP_IMAGE_PREPROCESSING = (f"center-crop + PIL Lanczos to {EVAL_RESOLUTION}, th
 
 
 def clip_absent_reason() -> str:
-    return ("no CLIP ViT-B/32 weights: pass --clip-weights PATH (OpenAI's ViT-B-32.pt, or an open_clip ViT-B-32 "
-            "state dict / .safetensors), or --allow-download on a machine with internet")
+    return ("no CLIP ViT-B/32 weights: pass clip_weights=PATH (OpenAI's ViT-B-32.pt, or an open_clip ViT-B-32 "
+            "state dict / .safetensors), or allow_download=true on a machine with internet")
 
 
 @contextlib.contextmanager
@@ -165,7 +165,7 @@ class ClipScorer:
                     model = open_clip.create_model(CLIP_ARCH, pretrained="openai", force_quick_gelu=True)
             except Exception as e:
                 raise EvalError(f"downloading OpenAI CLIP ViT-B/32 weights failed ({_first_line(e)}); pass "
-                                "--clip-weights PATH instead") from None
+                                "clip_weights=PATH instead") from None
             self.info = {"model": CLIP_DESCRIPTION, "weights": "open_clip pretrained='openai' (downloaded)",
                          "weights_sha256": None, "weights_source": "open_clip download"}
         else:

