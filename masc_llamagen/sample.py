@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from masc_llamagen.checkpoint import ForSampling, load_for_sampling
+from masc_llamagen.data.images import heldout_split
 from masc_llamagen.errors import user_errors
 from masc_llamagen.masc.vocabulary import HeadError, Vocabulary
 from masc_llamagen.models.sampling import SamplingConfig, SamplingError, check_null_class, generate
@@ -219,8 +220,6 @@ def _assemble(out: Path, world: int, n: int, labels: torch.Tensor, chunk_rows: i
 
 def _heldout(name: str | None) -> str | None:
     """The split a sample set is scored against by default: the dataset's held-out images."""
-    from masc_llamagen.data.images import heldout_split
-
     try:
         return heldout_split(name) if name else None
     except (KeyError, ValueError):
