@@ -175,6 +175,7 @@ def _parity_in_process(path, capsys):
     return rc, out.out, out.err
 
 
+@pytest.mark.slow
 def test_parity_cli_passes_on_the_golden_fixtures(fixture_dir):
     r = _run_parity(fixture_dir)
     assert r.returncode == 0, r.stdout + r.stderr

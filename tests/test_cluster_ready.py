@@ -194,6 +194,7 @@ def test_fid_curve_and_acceleration_continue_after_resume(tmp_path, assets, monk
     assert [s for s, _ in list_checkpoints(tmp_path / "a" / "checkpoints")][-1] == 6
 
 
+@pytest.mark.slow
 def test_missing_default_dataset_is_one_line_with_the_command(tmp_path):
     """`make train` on a fresh machine: the set-up script installs the dataset or names the command, no traceback."""
     import os

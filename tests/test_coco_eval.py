@@ -215,6 +215,7 @@ def test_pool3_walk_equals_torch_fidelity_forward(inception):
     assert ours.shape == (2, 2048) and _rel(ours, ref) < 1e-6
 
 
+@pytest.mark.slow
 def test_features_equal_clean_fid_with_the_protocol_transform(env, inception, cleanfid_feats, cleanfid_model,
                                                                cli_run, tmp_path):
     import shutil
@@ -395,6 +396,7 @@ def _brute_force_clip(weights: Path, files: list[Path], captions: list[str], pre
     return [np.array(o) for o in out]
 
 
+@pytest.mark.slow
 def test_clip_score_equals_brute_force_mean_cosine(env, cli_run, random_clip, tmp_path, capsys):
     from masc_llamagen.eval.clip_score import CLIP_PREFIX
 

@@ -306,6 +306,7 @@ def test_no_warning_when_fid_has_enough_images(env, tmp_path, capsys):
     assert r["fid"] == pytest.approx(tf_fid(f_gen, fid_features_to_statistics(f_ref)), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_inception_score_with_logits_and_why_it_is_absent(env, tmp_path, monkeypatch):
     gen = real_images(10, 3000)
     r = score(env, gen, gen[:4], tmp_path / "c", inception_score=True)  # IS uses the generated side only

@@ -34,6 +34,7 @@ def test_bad_feature_shapes_are_one_line_errors():
         frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
 
 
+@pytest.mark.slow
 def test_agrees_with_compute_metrics_on_images(tmp_path):
     weights = inc.random_inception_weights(tmp_path / "random-inception.pth", seed=0)
     gen, ref = real_images(40, 2000), real_images(40, 0)

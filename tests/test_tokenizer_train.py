@@ -137,6 +137,7 @@ def test_reseed_moves_dead_codes_onto_encoder_outputs():
 # A real run
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_training_reduces_loss_on_real_images(trained):
     cfg, report = trained

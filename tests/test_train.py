@@ -262,6 +262,7 @@ def test_fsdp_two_processes_with_resume_match_one_process(tmp_path, assets):
                              tmp_path / "one" / "checkpoints" / "ckpt-00000004.pt", prefer_ema=ema)
 
 
+@pytest.mark.slow
 def test_cli_user_errors_are_one_line(tmp_path, assets):
     args = [f"tokenizer.checkpoint={assets['tokenizer']}", f"data.codes={assets['codes']}", "debug=default",
             "head=masc", "head.k=65", f"paths.root={tmp_path}", f"paths.artifacts={tmp_path / 'a'}",
