@@ -158,6 +158,7 @@ def run(overrides: list[str], stages: Sequence[str] = STAGES, force: Sequence[st
 
     # 1. tokenizer -------------------------------------------------------------------------------------------
     def tokenizer(force_it):
+        from masc_llamagen.eval.metrics import compute_metrics
         from masc_llamagen.train.tokenizer import train_tokenizer
 
         data = ({"data": {"name": cfg.data.name, "root": cfg.data.root, "image_size": cfg.data.image_size}}
@@ -166,7 +167,7 @@ def run(overrides: list[str], stages: Sequence[str] = STAGES, force: Sequence[st
                  else OmegaConf.from_dotlist(list(vq_overrides)))
         vq_cfg = OmegaConf.merge(OmegaConf.create({"out": str(cfg.tokenizer.checkpoint), "force": force_it,
                                                    "rfid_images": rfid_images, **data}), extra)
-        rep = train_tokenizer(vq_cfg)
+        rep = train_tokenizer(vq_cfg, rfid=compute_metrics)  # the report carries rFID, as before the rewrite
         _log("tokenizer", f"{cfg.tokenizer.checkpoint} (PSNR {rep.get('psnr')}, usage {rep.get('codebook_usage')})")
         return rep
 
