@@ -20,7 +20,6 @@ from masc_llamagen.data.captions import (
     LlamaGenJsonl,
     TwemojiCaptions,
     build_caption_dataset,
-    captions_sha256,
     emoji_caption,
     heldout_caption_split,
     heldout_captions,
@@ -30,6 +29,7 @@ from masc_llamagen.data.extract import extract_codes
 from masc_llamagen.data.images import DatasetNotFoundError, Twemoji
 from masc_llamagen.errors import MascError
 from masc_llamagen.text.clean import first_sentence
+from masc_llamagen.text.store import captions_sha256
 from masc_llamagen.tokenizer.vq import VQ_CONFIGS, VQConfig, VQModel
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ from masc_llamagen.data.images import (
 )
 from masc_llamagen.errors import MascError
 from masc_llamagen.text.llamagen import read_llamagen_jsonl
-from masc_llamagen.text.store import captions_sha256 as text_captions_sha256
 
 CREDITS = "Twemoji graphics (c) Twitter, CC-BY-4.0; Noto Emoji (c) Google, Apache-2.0"
 EMOJI_VERSION = "16.0.0"
@@ -78,12 +77,6 @@ def is_caption_dataset(ds: Any) -> bool:
     """Duck-typed: a dataset with ``task == "t2i"``, ``captions`` and ``valid(i)`` (what extract_codes needs)."""
     return getattr(ds, "task", None) == TASK and getattr(ds, "captions", None) is not None and callable(
         getattr(ds, "valid", None))
-
-
-def captions_sha256(captions: Iterable[str]) -> str:
-    """Fingerprint of a caption list (order matters), recorded with extracted codes: the text feature store's
-    :func:`masc_llamagen.text.store.captions_sha256`, so codes and caption features can be checked to match."""
-    return text_captions_sha256(list(captions))
 
 
 # ------------------------------------------------------------------------------------------------------------

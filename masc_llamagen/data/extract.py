@@ -40,7 +40,6 @@ from masc_llamagen.data.captions import (
     TASK,
     build_caption_dataset,
     canonical_caption_name,
-    captions_sha256,
     is_caption_dataset,
 )
 from masc_llamagen.data.codes import (
@@ -55,6 +54,7 @@ from masc_llamagen.data.codes import (
     write_meta,
 )
 from masc_llamagen.data.images import ImageFolderDataset, build_image_dataset, center_crop_pil, pil_to_tensor
+from masc_llamagen.text.store import captions_sha256
 from masc_llamagen.utils.devices import pick_device
 from masc_llamagen.utils.io import atomic_directory, atomic_savez, atomic_write_json
 from masc_llamagen.weights import tokenizer_fingerprint
