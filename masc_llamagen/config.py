@@ -27,6 +27,7 @@ class ModelSchema:
     resid_dropout_p: float = GPTConfig.resid_dropout_p
     ffn_dropout_p: float = GPTConfig.ffn_dropout_p
     attn_dropout_p: float = GPTConfig.attn_dropout_p
+    drop_path_rate: float = GPTConfig.drop_path_rate  # stochastic depth (timm's DropPath), 0 as upstream
     class_dropout_prob: float = GPTConfig.class_dropout_prob
 
 
@@ -110,6 +111,7 @@ class TrainSchema:
     eval_every: int = 0  # FID/KID of EMA samples vs the held-out set every N steps (0: off)
     eval_samples: int = 1000
     eval_reference: int = 1000  # held-out real images (features cached once per dataset and size)
+    eval_heldout: int = 1000  # c2i: held-out images whose codes score the likelihood at each eval (0: off)
     eval_feature_layer: str = "2048"  # Inception layer; only 2048 gives FIDs comparable with published ones
     # t2i: prompts for in-training FID (coco, parti or a file; the first eval_samples of them), scored by the COCO
     # protocol against the images of eval_reference_dir (val2014/); null: the held-out captions vs their images
@@ -187,13 +189,13 @@ _CHOICES = {
 _AT_LEAST = {  # key: minimum (None values are allowed where the schema says Optional)
     "train.steps": 1, "train.global_batch_size": 1, "train.grad_accum": 1, "train.ckpt_every": 1, "train.log_every": 1,
     "train.keep_last": 0, "train.sample_every": 0, "train.eval_every": 0, "train.eval_samples": 2,
-    "train.eval_reference": 2, "train.stop_after": 1, "optim.warmup_steps": 0, "data.num_workers": 0,
-    "data.image_size": 1, "head.k": 2, "head.compare_k": 2, "model.cls_token_num": 1,
+    "train.eval_reference": 2, "train.eval_heldout": 0, "train.stop_after": 1, "optim.warmup_steps": 0,
+    "data.num_workers": 0, "data.image_size": 1, "head.k": 2, "head.compare_k": 2, "model.cls_token_num": 1,
 }
 _POSITIVE = ("optim.lr", "optim.eps", "train.peak_tflops")
 _NON_NEGATIVE = ("optim.final_lr", "optim.weight_decay", "optim.grad_clip", "head.smoothing", "train.sample_cfg_scale")
 _PROBABILITIES = ("model.token_dropout_p", "model.resid_dropout_p", "model.ffn_dropout_p", "model.attn_dropout_p",
-                  "model.class_dropout_prob")
+                  "model.drop_path_rate", "model.class_dropout_prob")
 
 
 def _unknown_keys(node, schema, prefix: str = "") -> list[str]:

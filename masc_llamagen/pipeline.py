@@ -277,21 +277,35 @@ def run(overrides: list[str], stages: Sequence[str] = STAGES, force: Sequence[st
 
     # 6. eval ------------------------------------------------------------------------------------------------
     def eval_stage(force_it):
+        """Sample quality of the sampled set and (c2i) held-out likelihood of its checkpoint, by the one
+        evaluation that training and the benchmarks use."""
+        from masc_llamagen.checkpoint import load_for_sampling
         from masc_llamagen.data.images import heldout_split
-        from masc_llamagen.eval.metrics import compute_metrics, write_metrics_json
+        from masc_llamagen.eval.metrics import write_metrics_json
+        from masc_llamagen.eval.model_eval import HeldoutCodes, evaluate_model
 
         npz = run_dir / "samples" / "default" / ("images" if t2i else "samples.npz")
         out = npz.with_name("metrics.json")
-        stamp = Stamp(out, {"npz": _file_id(npz), "ref": fid_reference})
+        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        if ckpt is None:
+            raise TrainingError(f"no checkpoint in {run_dir}; run the train stage first (add train to pipeline.stages)")
+        heldout_n = 0 if t2i else cfg.train.eval_heldout
+        stamp = Stamp(out, {"npz": _file_id(npz), "ref": fid_reference, "ckpt": _file_id(ckpt),
+                            "heldout": heldout_n})
         if stamp.fresh() and not force_it:
             _log("eval", f"up to date: {out}")
             return json.loads(out.read_text())
-        m = compute_metrics(npz, cfg.data.name, reference_split=heldout_split(cfg.data.name),
-                            reference_image_size=cfg.data.image_size, reference_limit=fid_reference,
-                            reference_root=cfg.data.root if t2i else None, cache_dir=artifacts / "fid")
+        loaded = load_for_sampling(ckpt, decoder=cfg.head.decoder, smoothing=cfg.head.smoothing)
+        heldout = HeldoutCodes.encode(loaded.vq, cfg.data.name, heldout_n, image_size=cfg.data.image_size,
+                                      cache_dir=artifacts / "heldout") if heldout_n else None
+        m = evaluate_model(loaded.model, {cfg.head.decoder: loaded.vocabulary}, heldout=heldout, images=npz,
+                           reference=cfg.data.name, reference_split=heldout_split(cfg.data.name),
+                           reference_image_size=cfg.data.image_size, reference_limit=fid_reference,
+                           reference_root=cfg.data.root if t2i else None, cache_dir=artifacts / "fid")
         write_metrics_json(m, out)
         stamp.write({"metrics": str(out)})
-        _log("eval", f"FID {m['fid']:.2f} ({m.get('n_generated')} vs {m.get('n_reference')} images)")
+        nll = f", held-out fine NLL {m['heldout'][f'fine_nll_{cfg.head.decoder}']:.3f} bits" if heldout else ""
+        _log("eval", f"FID {m['fid']:.2f} ({m.get('n_generated')} vs {m.get('n_reference')} images){nll}")
         return m
 
     results["eval"] = timed("eval", eval_stage)
@@ -327,6 +341,8 @@ def run(overrides: list[str], stages: Sequence[str] = STAGES, force: Sequence[st
             m = json.loads(metrics_json.read_text())
             sections["Sample quality"] = {k: m[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall",
                                                             "n_generated", "n_reference") if k in m}
+            if m.get("heldout"):
+                sections["Held-out likelihood (bits per token)"] = m["heldout"]
         if rows:
             last = rows[-1]
             sections["Final training metrics"] = {k.split("/")[-1]: v for k, v in last.items() if k != "step"}

@@ -212,3 +212,40 @@ def test_valid_flag_zeroes_invalid_samples_in_class_conditional_training():
     torch.testing.assert_close(loss, loss3, rtol=1e-6, atol=1e-6)
     for a, b in zip(g1, g3, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_drop_path_keeps_keys_and_eval_output_and_drops_whole_residual_branches_in_training():
+    """Stochastic depth (upstream's drop_path_rate) adds no state, is off in eval, and in training each sample's
+    branch is either dropped or scaled by 1/keep, brute-forced against the block's two branches."""
+    plain, dropped = _random_model(), _random_model(drop_path_rate=0.6)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
+    dropped.load_state_dict(plain.state_dict())
+    idx, labels = torch.randint(0, 37, (3, 24)), torch.tensor([0, 1, 4])
+    with torch.no_grad():
+        assert torch.equal(plain(idx, labels)[0], dropped(idx, labels)[0])
+    rates = [getattr(layer.drop_path, "drop_prob", 0.0) for layer in dropped.layers]
+    assert rates == pytest.approx([0.0, 0.6])  # GPT-nano: 2 blocks, linear from 0 to the rate
+
+    block = dropped.layers[1].train()
+    keep = 1 - 0.6
+    x = torch.randn(1, 6, block.attention_norm.weight.numel()).repeat(4000, 1, 1)
+    rope = dropped.rope(x.device)[: 6]
+    with torch.no_grad():
+        a = block.attention(block.attention_norm(x[:1]), rope)
+        combos = []
+        for attn_kept in (False, True):
+            h = x[:1] + (a / keep if attn_kept else 0)
+            f = block.feed_forward(block.ffn_norm(h))
+            combos += [h, h + f / keep]
+        torch.manual_seed(1)
+        y = block(x, rope)
+    err = torch.stack([(y - c).abs().amax(dim=(1, 2)) for c in combos])  # (4 combos, samples)
+    assert (err.min(0).values < 1e-5).all()  # every sample is exactly one of the four branch patterns
+    which = err.argmin(0)
+    attn_kept = (which >= 2).float().mean().item()
+    assert abs(attn_kept - keep) < 0.03  # ~4 std of a Bernoulli(0.4) mean over 4000 draws
+
+
+def test_drop_path_rate_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        gpt_config("GPT-nano", drop_path_rate=1.0)

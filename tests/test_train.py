@@ -14,9 +14,10 @@ from train_utils import compose_cfg, make_assets
 from masc_llamagen import checkpoint
 from masc_llamagen.checkpoint import TrainingCheckpoint
 from masc_llamagen.errors import TrainingError
+from masc_llamagen.eval.likelihood import heldout_diagnostics
 from masc_llamagen.train.checkpointing import list_checkpoints
 from masc_llamagen.train.loop import train
-from masc_llamagen.weights import load_gpt
+from masc_llamagen.weights import load_gpt, load_vq
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["head=random", "head.k=16", "train.global_batch_size=8", "train.log_every=1", "train.ckpt_every=4"]
@@ -43,12 +44,13 @@ def assets(tmp_path_factory):
 
 
 def test_resume_after_interruption_reproduces_losses_exactly(tmp_path, assets):
-    """Dropout on, class dropout on: interrupted at step 5 and resumed == uninterrupted, bit for bit."""
-    full = train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=12"], run="full"))
-    part1 = train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=12", "train.stop_after=5"], run="cut"))
+    """Dropout, class dropout and drop-path on: interrupted at step 5 and resumed == uninterrupted, bit for bit."""
+    over = [*BASE, "train.steps=12", "model.drop_path_rate=0.3"]
+    full = train(compose_cfg(tmp_path, assets, over, run="full"))
+    part1 = train(compose_cfg(tmp_path, assets, [*over, "train.stop_after=5"], run="cut"))
     assert part1["stopped_early"] and part1["step"] == 5
     assert [s for s, _ in list_checkpoints(tmp_path / "cut" / "checkpoints")] == [4, 5]
-    part2 = train(compose_cfg(tmp_path, assets, [*BASE, "train.steps=12"], run="cut"))
+    part2 = train(compose_cfg(tmp_path, assets, over, run="cut"))
     assert part2["resumed_from"].endswith("ckpt-00000005.pt")
     assert part1["losses"] + part2["losses"] == full["losses"]
     a = TrainingCheckpoint.load(tmp_path / "full" / "checkpoints" / "ckpt-00000012.pt")
@@ -177,7 +179,7 @@ def test_codes_from_another_tokenizer_are_refused(tmp_path, assets):
 
 
 @pytest.mark.slow
-def test_in_training_fid_grids_and_acceleration_are_logged(tmp_path, assets, monkeypatch):
+def test_in_training_fid_grids_and_acceleration_are_logged(tmp_path, monkeypatch):
     """eval_every: FID/KID of EMA samples vs held-out Fashion-MNIST; a baseline curve gives acceleration."""
     import json
 
@@ -189,11 +191,12 @@ def test_in_training_fid_grids_and_acceleration_are_logged(tmp_path, assets, mon
     except DatasetNotFoundError as e:
         pytest.skip(str(e))
     monkeypatch.setenv("MASC_INCEPTION_WEIGHTS", str(random_inception_weights(tmp_path / "inc.pth")))
+    assets = make_assets(tmp_path / "assets", classes=10)  # Fashion-MNIST's classes, for its held-out images
     baseline = tmp_path / "baseline.jsonl"
     baseline.write_text("\n".join(json.dumps({"step": s, "eval/fid": f}) for s, f in [(2, 1e9), (4, 1e8)]))
     cfg = compose_cfg(tmp_path, assets, [*BASE, "train.steps=4", "train.eval_every=2", "train.eval_samples=8",
                                          "train.eval_reference=8", "train.eval_feature_layer=192",
-                                         "train.sample_every=4", "data.image_size=16",
+                                         "train.sample_every=4", "data.image_size=16", "train.eval_heldout=6",
                                          f"train.baseline_curve={baseline}"], run="e")
     train(cfg)
     rows = [json.loads(x) for x in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
@@ -202,6 +205,19 @@ def test_in_training_fid_grids_and_acceleration_are_logged(tmp_path, assets, mon
     assert all(r["eval/fid"] > 0 and "eval/kid_mean" in r and r["eval/wall_clock_s"] > 0 for r in evals)
     assert evals[-1]["eval/acceleration"] == pytest.approx(1 - 2 / 4)  # below the baseline's final FID at step 2
     assert (tmp_path / "e" / "samples" / "step00000004.png").is_file()
+
+    # held-out likelihood (train.eval_heldout=6): recomputed from the final checkpoint's EMA weights, with the
+    # first 6 held-out images encoded one by one here
+    path = tmp_path / "e" / "checkpoints" / "ckpt-00000004.pt"
+    ck = TrainingCheckpoint.load(path)
+    model, vq = load_gpt(path, prefer_ema=True).eval(), load_vq(assets["tokenizer"]).eval()
+    ds = build_image_dataset("fashion_mnist", "test", image_size=16)
+    with torch.no_grad():
+        codes = torch.cat([vq.encode(ds[i][0][None]).reshape(1, -1) for i in range(6)])
+    labels = torch.tensor([int(ds[i][1]) for i in range(6)])
+    want = heldout_diagnostics(model, {"uniform": ck.vocabulary("uniform")}, codes, labels)
+    got = {k.removeprefix("eval/heldout/"): v for k, v in evals[-1].items() if k.startswith("eval/heldout/")}
+    assert got == pytest.approx({k: float(v) for k, v in want.items()}, rel=1e-6)
 
 
 @pytest.mark.slow
@@ -306,3 +322,13 @@ def test_warmup_cosine_is_torchs_linear_warmup_then_cosine_annealing():
         torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=90, eta_min=2e-5)], milestones=[10]))
     torch.testing.assert_close(torch.tensor(ours, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64),
                                rtol=1e-9, atol=0)
+
+
+def test_checkpoint_older_than_an_option_resumes_only_at_the_value_its_run_had():
+    """model.drop_path_rate came after runs existed: a checkpoint without it resumes at 0, not at another rate."""
+    from masc_llamagen.train.checkpointing import resume_differences
+
+    saved = {"model": {"arch": "GPT-nano"}}
+    assert resume_differences(saved, {"model": {"arch": "GPT-nano", "drop_path_rate": 0.0}}, 1, 1) == ([], [])
+    refused, _ = resume_differences(saved, {"model": {"arch": "GPT-nano", "drop_path_rate": 0.1}}, 1, 1)
+    assert refused == ["model.drop_path_rate: '<absent>' -> 0.1"]

@@ -21,11 +21,13 @@ returns the logits at positions T-1 .. T+L-2, the ones that predict ``tok_0 .. t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
 from torch import nn
 
 
@@ -45,6 +47,7 @@ class GPTConfig:
     attn_dropout_p: float = 0.0
     resid_dropout_p: float = 0.1
     ffn_dropout_p: float = 0.1
+    drop_path_rate: float = 0.0  # stochastic depth of the last block; block i gets rate * i / (n_layer - 1)
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
     model_type: str = "c2i"
@@ -70,6 +73,8 @@ class GPTConfig:
         side = math.isqrt(self.block_size)
         if side * side != self.block_size:
             raise ValueError(f"block_size={self.block_size} must be a square (grid side^2), e.g. 256 for 16x16")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate={self.drop_path_rate} must be in [0, 1)")
         if self.vocab_size < 1 or self.num_classes < 1:
             raise ValueError(f"vocab_size ({self.vocab_size}) and num_classes ({self.num_classes}) must be >= 1")
         if self.model_type == "t2i" and self.null_class is False:
@@ -148,6 +153,8 @@ def gpt_config(name: str, **overrides) -> GPTConfig:
 
 
 class RMSNorm(nn.Module):
+    """Hand-written, not ``torch.nn.RMSNorm``: upstream rounds to the input dtype before the weight multiply."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -267,6 +274,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """SwiGLU under upstream's key names (``w1``/``w2``/``w3``; timm's ``SwiGLU`` names them otherwise)."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         h = cfg.ffn_hidden
@@ -280,16 +289,17 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, drop_path: float = 0.0):
         super().__init__()
         self.attention = Attention(cfg)
         self.feed_forward = FeedForward(cfg)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()  # no parameters: keys unchanged
 
     def forward(self, x, rope, pos=None, end=None, mask=None):
-        h = x + self.attention(self.attention_norm(x), rope, pos, end, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self.drop_path(self.attention(self.attention_norm(x), rope, pos, end, mask))
+        return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
 
 
 class LabelEmbedder(nn.Module):
@@ -307,18 +317,6 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels).unsqueeze(1)
 
 
-class CaptionMLP(nn.Module):
-    """``fc2(gelu_tanh(fc1(x)))`` without biases: caption width -> model width (upstream's ``cap_proj``)."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, dim, bias=False)
-        self.fc2 = nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
 class CaptionEmbedder(nn.Module):
     """Caption features (B, slots, C) -> (B, slots, dim), with the null caption used by caption dropout and CFG.
 
@@ -330,7 +328,9 @@ class CaptionEmbedder(nn.Module):
         super().__init__()
         self.slots, self.caption_dim, self.dropout_prob = slots, caption_dim, dropout_prob
         self.register_buffer("uncond_embedding", torch.randn(slots, caption_dim) / caption_dim**0.5, persistent=True)
-        self.cap_proj = CaptionMLP(caption_dim, dim)
+        # upstream's cap_proj: fc2(gelu_tanh(fc1(x))) without biases, the keys timm's Mlp gives
+        self.cap_proj = Mlp(caption_dim, dim, dim, act_layer=functools.partial(nn.GELU, approximate="tanh"),
+                            bias=False)
 
     def forward(self, caption: torch.Tensor, force_drop: torch.Tensor | None = None) -> torch.Tensor:
         if caption.dim() != 3 or tuple(caption.shape[1:]) != (self.slots, self.caption_dim):
@@ -356,7 +356,9 @@ class GPT(nn.Module):
             self.cls_embedding = LabelEmbedder(cfg.num_classes, cfg.dim, cfg.class_dropout_prob, cfg.has_null_class)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        n = cfg.n_layer  # deeper blocks drop more (as upstream); plain floats, so a meta-device build works too
+        rates = [cfg.drop_path_rate * i / max(1, n - 1) for i in range(n)]
+        self.layers = nn.ModuleList(TransformerBlock(cfg, r) for r in rates)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Not a buffer: the released state dicts do not hold it, and it must stay float32 under bf16 casts.

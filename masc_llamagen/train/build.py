@@ -103,7 +103,8 @@ def build_model(cfg: DictConfig, vocab: Vocabulary, grid: int, num_classes: int,
     gcfg = gpt_config(m.arch, vocab_size=vocab.vocab_size, block_size=grid, num_classes=num_classes,
                       token_dropout_p=m.token_dropout_p, resid_dropout_p=m.resid_dropout_p,
                       ffn_dropout_p=m.ffn_dropout_p, attn_dropout_p=m.attn_dropout_p,
-                      class_dropout_prob=m.class_dropout_prob, zero_init_head=vocab.is_flat, **cond)
+                      drop_path_rate=m.drop_path_rate, class_dropout_prob=m.class_dropout_prob,
+                      zero_init_head=vocab.is_flat, **cond)
     model = GPT(gcfg)
     model.cls_embedding.dropout_prob = 0.0  # class/caption dropout is drawn in the data pipeline (batches.py)
     return model
@@ -236,7 +237,8 @@ def build_run(cfg: DictConfig, acc: Accelerator, run_dir: Path, ck: TrainingChec
     device_peak = t.peak_tflops * 1e12 if t.peak_tflops else peak_flops(acc.device)
     run = Run(cfg=cfg, acc=acc, run_dir=run_dir, model=model, raw=raw, opt=opt, sched=sched, ema=ema, vocab=vocab,
               head_info=head_info, token_counts=counts, tokenizer=tokenizer, compare_mapping=compare_mapping,
-              loader=loader, logger=logger, sampler=TrainingSampler(cfg, vocab, run_dir, resumed_at=start),
+              loader=loader, logger=logger,
+              sampler=TrainingSampler(cfg, vocab, run_dir, resumed_at=start, compare_mapping=compare_mapping),
               tokens_per_image=grid, flops_per_token=flops_per_token(raw.config, n_params),
               peak_flops=device_peak * acc.num_processes if device_peak else None, resumed_from=resumed_from)
     return run, start, elapsed

@@ -103,11 +103,15 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(key == p or (p.endswith((".", "_")) and key.startswith(p)) for p in patterns)
 
 
-def _c2i_default(key: str, now: dict) -> bool:
-    """Options added with text-to-image, at the values a class-conditional run had implicitly."""
+# Options added after runs existed, with the value those runs had implicitly: a checkpoint without them resumes.
+ADDED_OPTIONS = {"model.model_type": "c2i", "model.cls_token_num": None, "model.drop_path_rate": 0.0}
+
+
+def _added_since(key: str, now: dict) -> bool:
+    """An option the checkpoint predates (text-to-image's, drop-path), at the value its run had implicitly."""
     if key.startswith("text."):
         return now.get("model.model_type", "c2i") == "c2i"
-    return (key, now.get(key)) in {("model.model_type", "c2i"), ("model.cls_token_num", None)}
+    return key in ADDED_OPTIONS and now.get(key) == ADDED_OPTIONS[key]
 
 
 def resume_differences(saved: dict, now: dict, saved_world: int, world: int) -> tuple[list[str], list[str]]:
@@ -116,7 +120,7 @@ def resume_differences(saved: dict, now: dict, saved_world: int, world: int) -> 
     refused, inexact = [], []
     for key in sorted(set(a) | set(b)):
         # a key the checkpoint's config lacks is an option added since: that run used what is now its default
-        if a.get(key) == b.get(key) or _matches(key, RESUME_SAFE) or (key not in a and _c2i_default(key, b)):
+        if a.get(key) == b.get(key) or _matches(key, RESUME_SAFE) or (key not in a and _added_since(key, b)):
             continue
         line = f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"
         (inexact if _matches(key, RESUME_INEXACT) else refused).append(line)

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from masc_llamagen.data.images import heldout_split
+from masc_llamagen.eval.model_eval import HeldoutCodes, as_scalars, evaluate_model
 from masc_llamagen.masc.vocabulary import Vocabulary
 from masc_llamagen.models.gpt import GPT
 from masc_llamagen.models.sampling import SamplingConfig
@@ -19,11 +21,14 @@ from masc_llamagen.weights import load_vq
 class TrainingSampler:
     """Holds the tokenizer's decoder and a scratch model that receives the EMA weights before each use."""
 
-    def __init__(self, cfg: DictConfig, vocab: Vocabulary, run_dir: Path, resumed_at: int = 0):
-        """``resumed_at``: a resumed run's FID curve continues from the points its earlier invocations logged."""
+    def __init__(self, cfg: DictConfig, vocab: Vocabulary, run_dir: Path, resumed_at: int = 0,
+                 compare_mapping: torch.Tensor | None = None):
+        """``resumed_at``: a resumed run's FID curve continues from the points its earlier invocations logged.
+        ``compare_mapping``: a flat run's MASC mapping, for the held-out marginal coarse CE."""
         from masc_llamagen.eval.acceleration import load_curve
 
         self.cfg, self.vocab, self.run_dir = cfg, vocab, run_dir
+        self.compare = {"masc": compare_mapping} if compare_mapping is not None else None
         self._vq = None
         self._heldout = None  # t2i: the held-out captions' features, opened on first use
         self._encoder = None  # t2i with train.eval_prompts: the run's text encoder, built on first use
@@ -111,22 +116,27 @@ class TrainingSampler:
         return out
 
     def fid(self, raw: GPT, ema: EMA | None, step: int, wall_s: float) -> dict:
-        from masc_llamagen.data.images import heldout_split
-        from masc_llamagen.eval.metrics import compute_metrics
-
+        """The model's scores under W&B names (``eval/fid``, ``eval/heldout/coarse_ce`` ...): c2i through
+        :func:`evaluate_model` (samples and, with ``train.eval_heldout``, held-out likelihood), t2i by the COCO
+        protocol on ``train.eval_prompts``."""
         t = self.cfg.train
         model = self._model(raw, ema)
         if t.eval_prompts:
             return self._with_acceleration(step, {**self.prompt_fid(model, step), "eval/wall_clock_s": wall_s})
         labels, mask = self.conditions(raw.config, t.eval_samples)
         arr = self.images(model, labels, seed=10_000 + step, caption_mask=mask)
-        m = compute_metrics(arr, self.cfg.data.name, reference_split=heldout_split(self.cfg.data.name),
-                            reference_image_size=self.cfg.data.image_size, reference_root=self.cfg.data.root,
-                            reference_limit=t.eval_reference, cache_dir=Path(self.cfg.paths.artifacts) / "fid",
-                            feature_layer=str(t.eval_feature_layer))
-        out = {"eval/fid": m["fid"], "eval/kid_mean": m["kid_mean"], "eval/kid_std": m["kid_std"],
-               "eval/precision": m["precision"], "eval/recall": m["recall"], "eval/wall_clock_s": wall_s}
-        return self._with_acceleration(step, out)
+        heldout = None
+        if t.eval_heldout and raw.config.model_type == "c2i":
+            heldout = HeldoutCodes.encode(self.vq.to(model.output.weight.device), self.cfg.data.name, t.eval_heldout,
+                                          image_size=self.cfg.data.image_size, root=self.cfg.data.root,
+                                          cache_dir=Path(self.cfg.paths.artifacts) / "heldout")
+        result = evaluate_model(
+            model, {self.cfg.head.decoder: self.vocab}, heldout=heldout, mappings=self.compare, images=arr,
+            reference=self.cfg.data.name, reference_split=heldout_split(self.cfg.data.name),
+            reference_image_size=self.cfg.data.image_size, reference_root=self.cfg.data.root,
+            reference_limit=t.eval_reference, cache_dir=Path(self.cfg.paths.artifacts) / "fid",
+            feature_layer=str(t.eval_feature_layer))
+        return self._with_acceleration(step, as_scalars(result) | {"eval/wall_clock_s": wall_s})
 
     def _with_acceleration(self, step: int, out: dict) -> dict:
         """Append the FID to the run's curve and add the acceleration against the baseline run, if one is set."""
