@@ -1,0 +1,46 @@
+"""The one evaluation: held-out codes encoded once per tokenizer, and the checks before scoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_utils import make_assets
+
+from masc_llamagen.data.images import DatasetNotFoundError, build_image_dataset
+from masc_llamagen.eval.metrics import EvalError
+from masc_llamagen.eval.model_eval import HeldoutCodes, evaluate_model
+from masc_llamagen.masc.vocabulary import build_vocabulary
+from masc_llamagen.models.gpt import GPT, gpt_config
+from masc_llamagen.weights import load_vq
+
+
+@pytest.fixture(scope="module")
+def heldout_images():
+    try:
+        return build_image_dataset("fashion_mnist", "test", image_size=16)
+    except DatasetNotFoundError as e:
+        pytest.skip(str(e))
+
+
+def test_heldout_codes_are_the_tokenizers_codes_cached_per_tokenizer(tmp_path, heldout_images):
+    vq = load_vq(make_assets(tmp_path)["tokenizer"]).eval()
+    first = HeldoutCodes.encode(vq, "fashion_mnist", 5, image_size=16, cache_dir=tmp_path / "cache", batch=2)
+    with torch.no_grad():
+        want = torch.cat([vq.encode(heldout_images[i][0][None]).reshape(1, -1) for i in range(5)])
+    assert torch.equal(first.codes, want)
+    assert first.labels.tolist() == [int(heldout_images[i][1]) for i in range(5)]
+
+    again = HeldoutCodes.encode(vq, "fashion_mnist", 5, image_size=16, cache_dir=tmp_path / "cache")
+    assert again.path == first.path and torch.equal(again.codes, first.codes)
+
+    with torch.no_grad():  # another tokenizer never reads the first one's cache
+        vq.quantize.embedding.weight.mul_(-1.0)
+    other = HeldoutCodes.encode(vq, "fashion_mnist", 5, image_size=16, cache_dir=tmp_path / "cache")
+    assert other.path != first.path and len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_heldout_classes_beyond_the_model_are_refused_in_one_line():
+    model = GPT(gpt_config("GPT-nano", vocab_size=8, block_size=4, num_classes=3)).eval()
+    heldout = HeldoutCodes(torch.zeros(2, 4, dtype=torch.long), torch.tensor([0, 7]))
+    with pytest.raises(EvalError, match="class ids up to 7 but the model has 3 classes"):
+        evaluate_model(model, {"uniform": build_vocabulary("flat", 8)}, heldout=heldout)
