@@ -342,7 +342,7 @@ def run(overrides: list[str], stages: Sequence[str] = STAGES, force: Sequence[st
             sections["Sample quality"] = {k: m[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall",
                                                             "n_generated", "n_reference") if k in m}
             if m.get("heldout"):
-                sections["Held-out likelihood (bits per token)"] = m["heldout"]
+                sections["Held-out likelihood (bits per token; entropy_norm: H / log V)"] = m["heldout"]
         if rows:
             last = rows[-1]
             sections["Final training metrics"] = {k.split("/")[-1]: v for k, v in last.items() if k != "step"}
