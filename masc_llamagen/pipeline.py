@@ -216,7 +216,7 @@ def run(overrides: list[str], stages: Sequence[str] = STAGES, force: Sequence[st
     # 3. tree ------------------------------------------------------------------------------------------------
     def tree(force_it):
         from masc_llamagen.data.codes import CodeDataset
-        from masc_llamagen.masc import size_summary
+        from masc_llamagen.masc.members import size_summary
         from masc_llamagen.masc.vocabulary import vocabulary_from_config
         from masc_llamagen.train.build import tokenizer_codebook
 

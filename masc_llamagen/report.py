@@ -41,7 +41,7 @@ def plot_curves(rows: list[dict], path: Path, keys=("train/loss", "train/fine_nl
     return path
 
 
-def class_grid(npz: Path, path: Path, per_class: int = 10, class_names: list[str] | None = None) -> Path:
+def class_grid(npz: Path, path: Path, per_class: int = 10) -> Path:
     """One row per class (first ``per_class`` samples of each), from an npz with ``arr_0`` and ``labels``."""
     from PIL import Image
 

@@ -99,10 +99,10 @@ def extract_state_dict(ckpt: Mapping[str, Any], prefer_ema: bool = False) -> dic
     return sd
 
 
-def read_state_dict(path: str | os.PathLike, prefer_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(state_dict, model_config or None) from any supported file."""
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state_dict, model_config or None) from any supported file (the trained weights, not an EMA copy)."""
     ckpt = read_checkpoint(path)
-    sd = extract_state_dict(ckpt, prefer_ema=prefer_ema)
+    sd = extract_state_dict(ckpt)
     if not sd:
         raise CheckpointError(f"{path}: no tensors found; is this a model checkpoint?")
     cfg = ckpt.get("model_config")

@@ -101,9 +101,3 @@ def test_sample_yaml_restates_no_schema_default():
 def test_unknown_key_or_wrong_type_fails_at_compose(bad):
     with pytest.raises(ConfigCompositionException):
         _compose([bad])
-
-
-def test_sweep_config_declares_a_multirun_grid():
-    sweep = OmegaConf.load(CONFIGS / "sweep" / "heads_k.yaml")
-    assert sweep.hydra.mode == "MULTIRUN"
-    assert set(sweep.hydra.sweeper.params.head.split(",")) >= {"masc", "kmeans", "random"}

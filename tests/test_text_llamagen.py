@@ -105,7 +105,6 @@ def test_feature_reader_valid_flags_and_values(extracted):
     assert [feats.valid(i) for i in range(10)] == [True, True] + [False] * 6 + [True, False]
     assert feats.problem(2) == "missing" and "unreadable" in feats.problem(3) and feats.problem(0) is None
     assert ".npz" in feats.problem(9) and "width 8" in feats.problem(6)
-    assert feats.valid_indices().tolist() == [0, 1, 8]
     for i, a in good.items():
         assert torch.equal(feats[i], torch.from_numpy(a.reshape(-1, C)))
     with pytest.raises(TextStoreError) as e:

@@ -336,14 +336,14 @@ def test_perceptual_without_weights_is_one_clear_line(tmp_path):
     assert not (tmp_path / "p.safetensors").exists()
 
 
-def test_config_defaults_and_bad_keys(tmp_path, monkeypatch):
+def test_config_out_follows_artifacts_and_vq_overrides_apply(tmp_path, monkeypatch):
     monkeypatch.setenv("MASC_ARTIFACTS", str(tmp_path))
     cfg = resolve_config()
     assert cfg.out == f"{tmp_path}/tokenizers/fmnist_vq_tiny.safetensors"
-    assert list(cfg.betas) == [0.9, 0.95] and cfg.perceptual_weight == 0 and cfg.adversarial_weight == 0
-    assert cfg.logger.kind == "wandb" and cfg.logger.mode == "offline"  # the GPT's logger, never online unasked
+    assert cfg.logger.mode == "offline"  # never online unasked
+    base = build_vq_config(cfg.vq)
     vq = build_vq_config(resolve_config({"vq": {"codebook_size": 512, "overrides": {"z_channels": 32}}}).vq)
-    assert vq.codebook_size == 512 and vq.z_channels == 32 and vq.commit_loss_beta == 0.25 and vq.ch == 32
+    assert (vq.codebook_size, vq.z_channels) == (512, 32) and vq.ch == base.ch  # the rest stays the arch's
     with pytest.raises(ConfigError, match="no_such_field"):
         build_vq_config(resolve_config({"vq": {"overrides": {"no_such_field": 1}}}).vq)
 

@@ -12,8 +12,7 @@ label and a t2i batch looks up caption features by it. Three sources, all offlin
 * ``caption_folder``: any image folder where ``img.png`` has its caption in ``img.txt`` next to it.
 
 An image that cannot be read does not stop a run: the item is a blank white image and ``valid(i)`` is False (the
-t2i model drops such samples with its per-sample valid flag); ``num_invalid`` counts those met so far and
-``check_images()`` reads them all.
+t2i model drops such samples with its per-sample valid flag); ``num_invalid`` counts those met so far.
 """
 
 from __future__ import annotations
@@ -42,12 +41,10 @@ from masc_llamagen.text.llamagen import read_llamagen_jsonl
 
 CREDITS = "Twemoji graphics (c) Twitter, CC-BY-4.0; Noto Emoji (c) Google, Apache-2.0"
 EMOJI_VERSION = "16.0.0"
-# style -> (npm package, the words the caption uses for it, its licence line)
+# style -> (npm package, the words the caption uses for it)
 EMOJI_STYLES = {
-    "twitter": (f"emoji-datasource-twitter@{EMOJI_VERSION}", "twitter's twemoji style",
-                "Twemoji graphics (c) Twitter, CC-BY-4.0"),
-    "google": (f"emoji-datasource-google@{EMOJI_VERSION}", "google's noto style",
-               "Noto Emoji (c) Google, Apache-2.0"),
+    "twitter": (f"emoji-datasource-twitter@{EMOJI_VERSION}", "twitter's twemoji style"),
+    "google": (f"emoji-datasource-google@{EMOJI_VERSION}", "google's noto style"),
 }
 SKIN_TONES = {  # emoji.json skin_variations keys (Fitzpatrick modifiers) -> CLDR's words
     "1F3FB": "light skin tone", "1F3FC": "medium-light skin tone", "1F3FD": "medium skin tone",
@@ -209,15 +206,6 @@ class CaptionImageDataset(Dataset):
         """Unreadable images met so far (by ``__getitem__``, ``load_image`` or ``valid``)."""
         return sum(not v for v in self._valid.values())
 
-    def check_images(self) -> int:
-        """Read every image once; returns how many are unreadable (see ``invalid_indices``)."""
-        for i in range(len(self)):
-            self.valid(i)
-        return self.num_invalid
-
-    def invalid_indices(self) -> list[int]:
-        return sorted(i for i, v in self._valid.items() if not v)
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         n = len(self)
         if not -n <= i < n:
@@ -310,7 +298,7 @@ class TwemojiCaptions(CaptionImageDataset):
         self.styles = styles
         self.exclude_categories = tuple(exclude_categories)
         self.style_in_caption = len(styles) > 1 if style_in_caption is None else bool(style_in_caption)
-        paths, captions, self.item_styles, self.images = [], [], [], []
+        paths, captions, self.images = [], [], []
         for s in styles:
             for f in order:
                 if f not in present[s]:
@@ -319,14 +307,8 @@ class TwemojiCaptions(CaptionImageDataset):
                 paths.append(pkg / "img" / s / "64" / f)
                 captions.append(emoji_caption(nm, e.get("category"), e.get("subcategory"), skin,
                                               s if self.style_in_caption else None))
-                self.item_styles.append(s)
                 self.images.append(f)
         self._setup(pkg, split, image_size, paths, captions)
-
-    @property
-    def credits(self) -> str:
-        """The licence line of the styles in use (:data:`CREDITS` names both)."""
-        return "; ".join(EMOJI_STYLES[s][2] for s in self.styles)
 
     def describe(self) -> dict[str, Any]:
         return {"task": TASK, "styles": list(self.styles), "exclude_categories": list(self.exclude_categories),
@@ -354,7 +336,7 @@ class LlamaGenJsonl(CaptionImageDataset):
     or (for ``train``/``all``) ``*.jsonl``, read in name order (LlamaGen's and ``LlamaGenT5Features``' order).
     ``image_path`` is relative to ``image_root`` (default: the folder holding ``root``'s lists; absolute paths are
     kept). ``caption_key``/``first_sentence``: which caption of ``text`` (``blip`` = ``text[0]``, ``llava``,
-    ``llava_first``; see :mod:`masc_llamagen.text.llamagen`). ``sources[i]`` is item ``i``'s (jsonl file, line)."""
+    ``llava_first``; see :mod:`masc_llamagen.text.llamagen`)."""
 
     name = "llamagen_jsonl"
 
@@ -376,12 +358,11 @@ class LlamaGenJsonl(CaptionImageDataset):
                 + (f" or {base}/*.jsonl" if split in ("train", "all") else "")
             )
         img_root = Path(image_root) if image_root is not None else (base.parent if base.is_file() else base)
-        paths, captions, self.sources = [], [], []
+        paths, captions = [], []
         for f in files:
-            for line, (rel, cap) in enumerate(read_llamagen_jsonl(f, caption_key, first_sentence)):
+            for rel, cap in read_llamagen_jsonl(f, caption_key, first_sentence):
                 paths.append(Path(rel) if Path(rel).is_absolute() else img_root / rel)
                 captions.append(cap)
-                self.sources.append((f, line))
         if not paths:
             raise DatasetNotFoundError(f"the caption lists {', '.join(map(str, files))} hold no lines")
         probe = paths[:8]
@@ -462,7 +443,7 @@ class CaptionFolder(CaptionImageDataset):
             )
         if not paths:
             raise DatasetNotFoundError(f"{folder}: no image has a caption file; expected img.png + img.txt pairs")
-        self.folder, self.missing_captions, self.skipped = folder, missing_captions, len(missing)
+        self.missing_captions, self.skipped = missing_captions, len(missing)
         self._setup(base, split, image_size, paths, captions)
 
     def describe(self) -> dict[str, Any]:

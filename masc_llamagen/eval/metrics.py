@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from masc_llamagen.data import images as data_images
 from masc_llamagen.errors import MascError
@@ -66,19 +65,6 @@ class EvalError(MascError, ValueError):
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0][:200] if text else type(e).__name__)
-
-
-class UInt8Images(Dataset):
-    """``N x H x W x 3`` uint8 images served as ``3 x H x W`` uint8 tensors, the form torch-fidelity scores."""
-
-    def __init__(self, images: np.ndarray):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1).contiguous()
 
 
 def _sha(text: str | bytes) -> str:

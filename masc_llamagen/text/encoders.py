@@ -31,6 +31,7 @@ import torch
 from masc_llamagen.errors import MascError
 from masc_llamagen.models.gpt import right_align_captions
 from masc_llamagen.text.clean import clean_caption
+from masc_llamagen.utils.provenance import file_sha256
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",
@@ -48,7 +49,6 @@ ENCODER_NAMES = ("flan_t5_xl", "t5", "wordllama")
 WORDLLAMA_WEIGHTS = "weights/l2_supercat_256.safetensors"
 WORDLLAMA_TOKENIZER = "tokenizers/l2_supercat_tokenizer_config.json"
 WORDLLAMA_KEY = "embedding.weight"
-_HASH_BLOCK = 1 << 23
 # Files of a transformers T5 directory that decide its features (weights, config, tokenizer).
 _T5_TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                        "added_tokens.json")
@@ -59,21 +59,13 @@ class TextEncoderError(MascError, ValueError):
     """A text encoder that cannot be built or used (missing files, wrong name, caption too long for the slots)."""
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def files_fingerprint(settings: dict, files: dict[str, Path]) -> str:
     """sha256 over the settings (canonical JSON) and each file's name, size and content hash, in name order."""
     h = hashlib.sha256(b"masc-text-encoder-v1\0")
     h.update(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode())
     for name in sorted(files):
         p = files[name]
-        h.update(f"\0{name}\0{p.stat().st_size}\0{_file_sha256(p)}".encode())
+        h.update(f"\0{name}\0{p.stat().st_size}\0{file_sha256(p)}".encode())
     return h.hexdigest()
 
 

@@ -109,7 +109,6 @@ class LlamaGenT5Features:
                 raise TextStoreError(f"{p} does not exist; pass LlamaGen .jsonl caption files")
         if not files:
             raise TextStoreError(f"no .jsonl files in {jsonl}; pass LlamaGen caption files")
-        self.jsonl_files = files
         self.dim, self.max_length = int(dim), int(max_length)
         self._items: list[tuple[str, int]] = []
         for p in files:
@@ -171,10 +170,6 @@ class LlamaGenT5Features:
     def problem(self, i: int) -> str | None:
         """Why item ``i`` is invalid (``None`` when valid)."""
         return None if self.valid(i) else self._why.get(self._row(i))
-
-    def valid_indices(self) -> np.ndarray:
-        """Indices of the valid items (reads every file once)."""
-        return np.flatnonzero([self.valid(i) for i in range(len(self))])
 
     def numpy(self, i: int) -> np.ndarray:
         a = self._load(i)

@@ -40,9 +40,9 @@ def psnr(a, b) -> torch.Tensor:
     return 10.0 * torch.log10(DATA_RANGE**2 / mse)  # mse == 0 -> +inf, as skimage's peak_signal_noise_ratio
 
 
-def gaussian_window(sigma: float = SSIM_SIGMA, truncate: float = SSIM_TRUNCATE) -> torch.Tensor:
-    """Normalised 1-D Gaussian taps, radius ``int(truncate * sigma + 0.5)`` (scipy.ndimage's choice)."""
-    radius = int(truncate * sigma + 0.5)
+def gaussian_window(sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps, radius ``int(SSIM_TRUNCATE * sigma + 0.5)`` (scipy.ndimage's choice)."""
+    radius = int(SSIM_TRUNCATE * sigma + 0.5)
     r = torch.arange(-radius, radius + 1, dtype=torch.float64)
     w = torch.exp(-0.5 * (r / sigma) ** 2)
     return w / w.sum()

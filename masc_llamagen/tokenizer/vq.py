@@ -495,11 +495,6 @@ class VQModel(nn.Module):
         self._check_images(x)
         return self.quant_conv(self.encoder(x))
 
-    def encode_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(quantised latents (B, C, h, w), indices (B, h, w)) for images in [-1, 1]; no usage update."""
-        indices = self.quantize.nearest(self._latents(x))
-        return self.quantize.lookup(indices).permute(0, 3, 1, 2).contiguous(), indices
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Code indices (B, h, w), int64, for images (B, 3, H, W) in [-1, 1]."""
         return self.quantize.nearest(self._latents(x))

@@ -21,7 +21,6 @@ the perceptual and PatchGAN terms of masc_llamagen.tokenizer.losses pluggable bu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -50,6 +49,7 @@ from masc_llamagen.train.optim import build_optimizer, warmup_cosine
 from masc_llamagen.train.tokenizer_config import build_vq_config, config_record, register, resolve_config
 from masc_llamagen.utils.devices import pick_device
 from masc_llamagen.utils.io import atomic_open, atomic_write_json
+from masc_llamagen.utils.provenance import file_sha256
 from masc_llamagen.weights import CheckpointError, read_checkpoint, save_weights
 
 CONFIG_NAME = "vq_train"
@@ -71,14 +71,6 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out).with_suffix(".run")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def up_to_date_report(cfg: Mapping[str, Any] | DictConfig | None = None) -> dict | None:
     """The existing report when ``out`` and ``<out>.json`` hold exactly this config's result, else None."""
     cfg = resolve_config(cfg)
@@ -89,7 +81,7 @@ def up_to_date_report(cfg: Mapping[str, Any] | DictConfig | None = None) -> dict
         report = json.loads(report_path(out).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if report.get("config") != config_record(cfg) or report.get("weights_sha256") != _sha256(out):
+    if report.get("config") != config_record(cfg) or report.get("weights_sha256") != file_sha256(out):
         return None
     return report
 
@@ -372,7 +364,7 @@ def _train(cfg: DictConfig, acc, rfid: RFIDScorer | None) -> dict[str, Any]:
             "config": record,
             "vq_config": vq_config.to_dict(),
             "out": str(out),
-            "weights_sha256": _sha256(out),
+            "weights_sha256": file_sha256(out),
             "parameters": sum(p.numel() for p in raw.parameters()),
             "dataset": {"name": data.name, "train_split": data.split, "train_images": len(train_set),
                         "heldout_split": held_split, "image_size": int(data.image_size)},

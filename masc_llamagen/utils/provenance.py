@@ -40,6 +40,12 @@ def short_revision(cwd: Path | None = REPO) -> str:
     return g["revision"][:7] + ("+uncommitted changes" if g["dirty"] else "")
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes: the identity of a weights or tokenizer file."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def codebook_sha256(codebook) -> str:
     """sha256 of a codebook's float32 C-order bytes: the identity of a tokenizer, recorded by the codes, trees and
     checkpoints made with it, so that artifacts of different tokenizers are never mixed."""
