@@ -47,23 +47,27 @@ train-t2i: setup
 	$(PY) -m masc_llamagen.pipeline experiment=cpu_t2i $(ARGS)
 
 # Speed/memory benchmarks and the seeded convergence study to 2400 steps (flat, MASC, k-means x 3 seeds, FID at five
-# budgets, acceleration curves) -> docs/benchmarks.md. Estimated 2.5 h on 2 CPU cores from scratch
-# (`benchmarks/run.py --estimate`); reruns skip what is already built or scored.
+# budgets, acceleration curves) -> docs/benchmarks.md, filled from the template benchmarks/report.md. Estimated 2.5 h
+# on 2 CPU cores from scratch (ARGS=estimate=true prints it); reruns skip what is already built or scored.
+# ARGS are Hydra overrides of configs/bench/convergence.yaml (the plan: configs/bench/plan/), e.g.
+# ARGS='plan.horizon=4800', 'deadline=false', 'skip_speed=true', 'report_only=true out=/tmp/docs', 'workers=1'.
 bench: setup
 	$(PY) benchmarks/run.py $(ARGS)
 
 # The same pipeline reduced to minutes (own small tokenizer, 2 seeds, 3 budgets; a smoke test) -> artifacts/bench/quick/.
 bench-quick: setup
-	$(PY) benchmarks/run.py --quick $(ARGS)
+	$(PY) benchmarks/run.py plan=quick $(ARGS)
 
+# The speed benchmarks on their own; ARGS are Hydra overrides (configs/bench/sampling.yaml, tree.yaml, train_step.yaml;
+# e.g. ARGS='quick=true', ARGS='device=cuda batch=32').
 bench-sampling: setup
-	$(PY) benchmarks/bench_sampling.py
+	$(PY) benchmarks/bench_sampling.py $(ARGS)
 
 bench-tree: setup
-	$(PY) benchmarks/bench_tree.py
+	$(PY) benchmarks/bench_tree.py $(ARGS)
 
 bench-train-step: setup
-	$(PY) benchmarks/bench_train_step.py
+	$(PY) benchmarks/bench_train_step.py $(ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

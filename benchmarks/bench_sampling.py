@@ -1,7 +1,7 @@
 """Sampling throughput and peak memory: static KV cache vs recomputing the whole prefix every step, CFG off and on.
 
-    python benchmarks/bench_sampling.py [--model GPT-micro] [--grid 16] [--batch 8] [--cfg 2.0] [--repeats 3]
-                                        [--bf16] [--device auto|cpu|cuda] [--quick] [--json PATH]
+    python benchmarks/bench_sampling.py [model=GPT-micro] [grid=16] [batch=8] [cfg=2.0] [repeats=3] [bf16=true]
+                                        [device=auto|cpu|cuda] [quick=true] [json=PATH]
 
 Prints a markdown table (tokens/s = generated image tokens per second, CFG's doubled batch not counted twice).
 
@@ -13,21 +13,44 @@ torch.cuda.max_memory_allocated() (tensors only, not the CUDA context).
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import hydra
 import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
+from masc_llamagen.errors import user_errors
 from masc_llamagen.models.gpt import GPT, gpt_config
 from masc_llamagen.models.sampling import SamplingConfig, generate
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
+from isolated import in_fresh_process  # noqa: E402
 from measure import machine, peak_mib, resolve_device, sync  # noqa: E402
+
+
+@dataclass
+class SamplingBench:
+    """configs/bench/sampling.yaml only keeps Hydra from making output folders."""
+
+    model: str = "GPT-micro"
+    grid: int | None = None  # grid x grid tokens per image; null: 16 (quick: 8)
+    vocab: int = 1024
+    batch: int = 8
+    cfg: float = 2.0  # guidance scale of the CFG-on rows (CFG off is 1)
+    repeats: int | None = None  # timed runs, best reported; null: 3 (quick: 1)
+    bf16: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    quick: bool = False  # grid 8 and 1 repeat: a smoke run
+    json: str | None = None  # also write machine, arguments and rows here
+
+
+ConfigStore.instance().store(name="base_bench_sampling", node=SamplingBench)
 
 
 def make_model(arch: str, vocab: int, grid: int, device: str) -> GPT:
@@ -49,7 +72,9 @@ def time_generate(model, labels, n, sc, use_cache, repeats, dtype):
     return min(times[1:])
 
 
-def worker(args, cfg_scale: float, use_cache: bool) -> dict:
+def worker(args: dict, cfg_scale: float, use_cache: bool) -> dict:
+    """One (cfg, KV/full) cell, in its own process (see :func:`run`)."""
+    args = SamplingBench(**args)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     sc = SamplingConfig(cfg_scale=cfg_scale, temperature=1.0)
     tiny = make_model("GPT-nano", 16, 2, args.device)  # pages in lazily loaded kernels before the baseline
@@ -64,39 +89,18 @@ def worker(args, cfg_scale: float, use_cache: bool) -> dict:
     return {"seconds": t, "params": model.num_params(), "peak_mib": peak_mib(args.device) - base, "baseline_mib": base}
 
 
-def run(args, cfg_scale: float, use_cache: bool) -> dict:
-    cmd = [sys.executable, str(HERE), "--worker", "--model", args.model, "--grid", str(args.grid), "--vocab",
-           str(args.vocab), "--batch", str(args.batch), "--cfg", str(cfg_scale), "--repeats", str(args.repeats),
-           "--device", args.device] + (["--bf16"] if args.bf16 else []) + ([] if use_cache else ["--no-cache"])
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"worker cfg={cfg_scale} use_cache={use_cache} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def run(args: SamplingBench, cfg_scale: float, use_cache: bool) -> dict:
+    return in_fresh_process("bench_sampling", "worker", args=asdict(args), cfg_scale=cfg_scale, use_cache=use_cache)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="GPT-micro")
-    ap.add_argument("--grid", type=int, default=None, help="grid x grid tokens per image (default 16, --quick 8)")
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--cfg", type=float, default=2.0, help="guidance scale of the CFG-on rows (CFG off is 1)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs, best reported (default 3, --quick 1)")
-    ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--quick", action="store_true", help="grid 8 and 1 repeat: a smoke run")
-    ap.add_argument("--json", help="also write machine, arguments and rows here")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    args.device = resolve_device(ap, args.device)
-    if args.grid is None:
-        args.grid = 8 if args.quick else 16
-    if args.repeats is None:
-        args.repeats = 1 if args.quick else 3
-    if args.worker:
-        print(json.dumps(worker(args, args.cfg, not args.no_cache)))
-        return
+def resolve(args: SamplingBench) -> SamplingBench:
+    """The quick and device defaults filled in."""
+    return replace(args, device=resolve_device(args.device),
+                   grid=args.grid if args.grid is not None else 8 if args.quick else 16,
+                   repeats=args.repeats if args.repeats is not None else 1 if args.quick else 3)
+
+
+def measure(args: SamplingBench) -> None:
     mach = machine(args.device)
     mem = "cuda max_memory_allocated" if args.device == "cuda" else "ru_maxrss above post-import, post-warm-up peak"
     n = args.grid**2
@@ -121,10 +125,15 @@ def main(argv=None) -> None:
         print(f"| {kv['cfg_scale']:g} | {kv['tokens_per_s']:,.0f} | {full['tokens_per_s']:,.0f} | "
               f"{kv['speedup']:.1f}x | {kv['peak_mib']:.0f} | {full['peak_mib']:.0f} |")
     if args.json:
-        kept = {k: v for k, v in vars(args).items() if k not in ("worker", "no_cache")}
-        out = {"benchmark": "sampling", "machine": mach, "args": kept, "params": r["params"], "tokens_per_image": n,
-               "memory": mem, "rows": rows}
+        out = {"benchmark": "sampling", "machine": mach, "args": asdict(args), "params": r["params"],
+               "tokens_per_image": n, "memory": mem, "rows": rows}
         Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+@hydra.main(version_base="1.3", config_path=str(HERE.parents[1] / "configs" / "bench"), config_name="sampling")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        measure(resolve(OmegaConf.to_object(cfg)))
 
 
 if __name__ == "__main__":

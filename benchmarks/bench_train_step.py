@@ -1,20 +1,20 @@
 """Training-step time and peak memory at the paper's shapes: head=flat (N-way) vs head=masc (k-way), same GPT otherwise.
 
-    python benchmarks/bench_train_step.py [--model GPT-B] [--vocab 16384] [--k 8192 4096] [--grid 16] [--batch 8]
-                                          [--steps 5] [--layers N] [--parts head step] [--amp auto|bf16|none]
-                                          [--device auto|cpu|cuda] [--quick] [--json PATH]
+    python benchmarks/bench_train_step.py [model=GPT-B] [vocab=16384] [k=[8192,4096]] [grid=16] [batch=8]
+                                          [steps=5] [layers=N] [parts=[head,step]] [amp=auto|bf16|none]
+                                          [device=auto|cpu|cuda] [quick=true] [json=PATH]
 
 The heads differ only in the size of the token table and the output layer, so two parts are measured per vocabulary:
 
 * ``head``: the output layer and the cross-entropy alone, forward and backward: hidden states (batch, grid^2, dim)
   -> logits (batch, grid^2, vocab), cast to float32 as GPT.forward does -> mean cross-entropy -> gradients of the
   weight and of the hidden states. Always at the model's real width and the real vocabulary sizes.
-* ``step``: one whole optimizer step of the GPT (forward with loss, backward, clip, AdamW), with ``--layers``
-  transformer blocks (default: the model's; ``--quick`` uses 2 so that GPT-B width and vocab fit a small CPU).
+* ``step``: one whole optimizer step of the GPT (forward with loss, backward, clip, AdamW), with ``layers``
+  transformer blocks (default: the model's; ``quick`` uses 2 so that GPT-B width and vocab fit a small CPU).
 
 Defaults are the paper's: GPT-B (dim 768), 16 x 16 tokens (256 targets; 256 positions = class token + 255 inputs),
-vocabulary 16384 (flat) vs k = 8192 and 4096 (masc), 1000 classes. Median step time over ``--steps`` timed steps
-after ``--warmup`` (2; --quick 1) warm-ups. tokens/s counts target tokens (batch x grid^2), as train/tokens_per_s
+vocabulary 16384 (flat) vs k = 8192 and 4096 (masc), 1000 classes. Median step time over ``steps`` timed steps
+after ``warmup`` (2; quick 1) warm-ups. tokens/s counts target tokens (batch x grid^2), as train/tokens_per_s
 does.
 
 Memory, one fresh subprocess per row so that no row's allocations hide another's peak:
@@ -36,28 +36,54 @@ flops_per_token for ``step`` rows. scripts/gpu_check.py runs this script on CUDA
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import hydra
 import torch
 import torch.nn.functional as F
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
+from masc_llamagen.errors import ConfigError, user_errors
 from masc_llamagen.models.gpt import GPT, gpt_config
 from masc_llamagen.train.throughput import flops_per_token, peak_flops
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
+from isolated import in_fresh_process  # noqa: E402
 from measure import current_mib, machine, peak_mib, reset_peak, resolve_device, sync  # noqa: E402
 
 PARTS = ("head", "step")
 NUM_CLASSES = 1000
 CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+@dataclass
+class TrainStepBench:
+    """configs/bench/train_step.yaml only keeps Hydra from making output folders."""
+
+    model: str = "GPT-B"  # masc_llamagen.models.gpt.GPT_CONFIGS name (width, heads)
+    vocab: int = 16384  # flat vocabulary (the codebook size)
+    k: list[int] = field(default_factory=lambda: [8192, 4096])  # coarse vocabulary sizes
+    grid: int = 16  # tokens per side
+    batch: int | None = None  # images per step; null: 8 (quick: 2)
+    steps: int | None = None  # timed steps, median reported; null: 5 (quick: 1)
+    warmup: int | None = None  # untimed steps first; null: 2 (quick: 1)
+    layers: int | None = None  # transformer blocks in the step part; null: the model's (quick: 2)
+    parts: list[str] = field(default_factory=lambda: list(PARTS))
+    amp: str = "auto"  # bf16 autocast: auto (on CUDA only; CPU runs float32) | bf16 | none
+    device: str = "auto"  # auto | cpu | cuda
+    quick: bool = False  # batch 2, 1 warm-up + 1 timed step, 2 layers in the step part: a smoke run
+    json: str | None = None  # also write machine, arguments and rows here
+
+
+ConfigStore.instance().store(name="base_bench_train_step", node=TrainStepBench)
 
 
 def autocast(device: str, amp: str):
@@ -133,7 +159,9 @@ def warm_up(device: str) -> None:
     head_steps(8, 16, 1, 4, 0, device, warmup=2)
 
 
-def worker(args, part: str, vocab: int) -> dict:
+def worker(args: dict, part: str, vocab: int) -> dict:
+    """One row, in its own process (see :func:`run_row`)."""
+    args = TrainStepBench(**args)
     warm_up(args.device)
     seq = args.grid * args.grid
     if part == "head":
@@ -148,20 +176,12 @@ def worker(args, part: str, vocab: int) -> dict:
     return r
 
 
-def run_row(args, part: str, vocab: int) -> dict:
-    cmd = [sys.executable, str(HERE), "--worker", part, str(vocab), "--model", args.model, "--batch", str(args.batch),
-           "--grid", str(args.grid), "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-           "--amp", args.amp]
-    if args.layers:
-        cmd += ["--layers", str(args.layers)]
+def run_row(args: TrainStepBench, part: str, vocab: int) -> dict:
     env = {**os.environ, **(CPU_WORKER_ENV if args.device == "cpu" else {})}
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if res.returncode != 0:
-        raise SystemExit(f"worker {part} vocab={vocab} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return in_fresh_process("bench_train_step", "worker", env=env, args=asdict(args), part=part, vocab=vocab)
 
 
-def measure_rows(args) -> list[dict]:
+def measure_rows(args: TrainStepBench) -> list[dict]:
     """Every (part, head) row; one subprocess each. The function scripts/gpu_check.py's bench rows come from."""
     tok = args.batch * args.grid * args.grid
     peak = peak_flops(torch.device(args.device)) if args.device == "cuda" else None
@@ -193,45 +213,23 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="GPT-B", help="masc_llamagen.models.gpt.GPT_CONFIGS name (width, heads)")
-    ap.add_argument("--vocab", type=int, default=16384, help="flat vocabulary (the codebook size)")
-    ap.add_argument("--k", type=int, nargs="+", default=[8192, 4096], help="coarse vocabulary sizes")
-    ap.add_argument("--grid", type=int, default=16, help="tokens per side")
-    ap.add_argument("--batch", type=int, default=None, help="images per step (default 8, --quick 2)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps, median reported (default 5, --quick 1)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2, --quick 1)")
-    ap.add_argument("--layers", type=int, default=None,
-                    help="transformer blocks in the step part (default: the model's, --quick 2)")
-    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    ap.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
-                    help="bf16 autocast (auto: on CUDA only; CPU runs float32)")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--quick", action="store_true",
-                    help="batch 2, 1 warm-up + 1 timed step, 2 layers in the step part: a smoke run")
-    ap.add_argument("--json", help="also write machine, arguments and rows here")
-    ap.add_argument("--worker", nargs=2, metavar=("PART", "VOCAB"), help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    args.device = resolve_device(ap, args.device)
-    if args.amp == "auto":
-        args.amp = "bf16" if args.device == "cuda" else "none"
-    if args.batch is None:
-        args.batch = 2 if args.quick else 8
-    if args.steps is None:
-        args.steps = 1 if args.quick else 5
-    if args.warmup is None:
-        args.warmup = 1 if args.quick else 2
-    if args.layers is None and args.quick:
-        args.layers = 2
-    return args
+def resolve(args: TrainStepBench) -> TrainStepBench:
+    """The quick, device and precision defaults filled in."""
+    bad = [p for p in args.parts if p not in PARTS] + ([args.amp] if args.amp not in ("auto", "bf16", "none") else [])
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: unknown; parts are {'/'.join(PARTS)} and amp is auto, bf16 or none")
+    device = resolve_device(args.device)
+
+    def pick(value, quick, default):
+        return value if value is not None else quick if args.quick else default
+
+    amp = ("bf16" if device == "cuda" else "none") if args.amp == "auto" else args.amp
+    return replace(args, device=device, amp=amp,
+                   batch=pick(args.batch, 2, 8), steps=pick(args.steps, 1, 5), warmup=pick(args.warmup, 1, 2),
+                   layers=pick(args.layers, 2, None))
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(args, args.worker[0], int(args.worker[1]))))
-        return
+def measure(args: TrainStepBench) -> None:
     mach = machine(args.device)
     mem = ("cuda max_memory_allocated minus memory_allocated before the steps" if args.device == "cuda" else
            "ru_maxrss after the steps minus RSS before them (fresh process, after a tiny warm-up, "
@@ -245,10 +243,15 @@ def main(argv=None) -> None:
     rows = measure_rows(args)
     print(format_table(rows))
     if args.json:
-        kept = {k: v for k, v in vars(args).items() if k != "worker"}
-        out = {"benchmark": "train_step", "machine": mach, "args": kept,
+        out = {"benchmark": "train_step", "machine": mach, "args": asdict(args),
                "tokens_per_step": args.batch * args.grid * args.grid, "memory": mem, "rows": rows}
         Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+@hydra.main(version_base="1.3", config_path=str(HERE.parents[1] / "configs" / "bench"), config_name="train_step")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        measure(resolve(OmegaConf.to_object(cfg)))
 
 
 if __name__ == "__main__":

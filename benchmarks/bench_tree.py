@@ -6,30 +6,51 @@ codebook excluded), and peak RSS above the process's peak before the build (ru_m
 not count. The O(N^3) loop is timed on small N and extrapolated as N^3 (time) and N^2 (memory). The partitions
 of ours and scipy's are compared at a few k.
 
-    python benchmarks/bench_tree.py            # N = 16384
-    python benchmarks/bench_tree.py --quick    # N = 4096, a minute or so
+    python benchmarks/bench_tree.py               # N = 16384
+    python benchmarks/bench_tree.py quick=true    # N = 4096, a minute or so
 
 On a shared VM, first-touching fresh memory can cost seconds per GB and other jobs share the cores; the script
 prints the load average next to each run, and by default first touches 2.5 GB once in a throwaway process so
-all contenders start from the same memory state (--no-warm to skip).
+all contenders start from the same memory state (warm=false to skip).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import hydra
 import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from isolated import in_fresh_process  # noqa: E402
+
+
+@dataclass
+class TreeBench:
+    """configs/bench/tree.yaml only keeps Hydra from making output folders."""
+
+    n: int = 16384
+    quick: bool = False  # N = 4096 and smaller reference sizes
+    repeat: int = 2  # runs of each contender (median reported)
+    ref_sizes: list[int] | None = None  # N of the O(N^3) loop; null: 500, 1000, 2000 (quick: 250, 500, 1000)
+    ks: list[int] | None = None  # k at which partitions are compared; null: N/2, N/4, N/8
+    seed: int = 0
+    warm: bool = True  # first touch 2.5 GB in a throwaway process
+    json: str | None = None  # also write the raw results here
+
+
+ConfigStore.instance().store(name="base_bench_tree", node=TreeBench)
 
 
 def make_codebook(n: int, d: int, seed: int) -> np.ndarray:
@@ -69,7 +90,8 @@ def _usage() -> tuple[float, float, float]:
     return r.ru_utime, r.ru_stime, r.ru_maxrss / 1024.0
 
 
-def worker(kind: str, n: int, seed: int, zout: str | None) -> None:
+def worker(kind: str, n: int, seed: int, zout: str | None) -> dict:
+    """One build, in its own process (see :func:`run`)."""
     cb = make_codebook(n, 8, seed)
     if kind == "ours":
         from masc_llamagen.masc import tree as T
@@ -91,8 +113,7 @@ def worker(kind: str, n: int, seed: int, zout: str | None) -> None:
             return reference_loop(pts)
     elif kind == "warm":
         a = np.ones(int(2.5 * 2**30) // 8)
-        print(json.dumps({"kind": "warm", "sum": float(a[::4096].sum())}))
-        return
+        return {"kind": "warm", "sum": float(a[::4096].sum())}
     else:
         raise SystemExit(f"unknown worker {kind}")
     u0, s0, rss0 = _usage()
@@ -102,20 +123,13 @@ def worker(kind: str, n: int, seed: int, zout: str | None) -> None:
     u1, s1, rss1 = _usage()
     if zout:
         np.save(zout, out)
-    info = {"kind": kind, "n": n, "wall_s": wall, "cpu_s": (u1 - u0) + (s1 - s0), "sys_s": s1 - s0,
+    return {"kind": kind, "n": n, "wall_s": wall, "cpu_s": (u1 - u0) + (s1 - s0), "sys_s": s1 - s0,
             "peak_mib": rss1 - rss0, "baseline_mib": rss0}
-    print(json.dumps(info))
 
 
 def run(kind: str, n: int, seed: int, zout: str | None = None) -> dict:
-    cmd = [sys.executable, str(HERE), "--worker", kind, "--n", str(n), "--seed", str(seed)]
-    if zout:
-        cmd += ["--zout", zout]
     load = os.getloadavg()[0]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"worker {kind} N={n} failed:\n{res.stderr[-3000:]}")
-    info = json.loads(res.stdout.strip().splitlines()[-1])
+    info = in_fresh_process("bench_tree", "worker", kind=kind, n=n, seed=seed, zout=zout)
     info["load1"] = load
     if kind == "warm":
         return info
@@ -130,27 +144,13 @@ def cut(Z: np.ndarray, k: int) -> np.ndarray:
     return cut_linkage(Z, k)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=16384)
-    ap.add_argument("--quick", action="store_true", help="N = 4096 and smaller reference sizes")
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each contender (median reported)")
-    ap.add_argument("--ref-sizes", type=int, nargs="+", default=None)
-    ap.add_argument("--ks", type=int, nargs="+", default=None, help="k at which partitions are compared")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-warm", action="store_true")
-    ap.add_argument("--json", help="also write the raw results here")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--zout", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker:
-        worker(args.worker, args.n, args.seed, args.zout)
-        return 0
+def measure(args: TreeBench) -> bool:
+    """Print the tables (and write the JSON); whether ours and scipy's partitions agree at every k."""
     n = 4096 if args.quick and args.n == 16384 else args.n
     ref_sizes = args.ref_sizes or ([250, 500, 1000] if args.quick else [500, 1000, 2000])
     ks = args.ks or [n // 2, n // 4, n // 8]
     print(f"codebook: {n} x 8, standard normal rows L2-normalised, seed {args.seed}; {os.cpu_count()} CPUs")
-    if not args.no_warm:
+    if args.warm:
         run("warm", 0, 0)
     results: dict[str, list[dict]] = {"ours": [], "scipy": []}
     tmp = Path(tempfile.mkdtemp(prefix="bench_tree_"))
@@ -201,8 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"n": n, "results": results, "ref": ref, "checks":
                                                {str(k): v for k, v in checks.items()}}, indent=1))
-    return 0 if all(checks.values()) else 1
+    return all(checks.values())
+
+
+@hydra.main(version_base="1.3", config_path=str(HERE.parents[1] / "configs" / "bench"), config_name="tree")
+def main(cfg: DictConfig) -> None:
+    if not measure(OmegaConf.to_object(cfg)):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -1,31 +1,27 @@
 """The paper's Table 1 comparison at CPU scale, followed over training: flat vs MASC vs k-means (and the other arms),
-seeds, FID curves and held-out diagnostics.
+seeds, FID curves and held-out diagnostics; the library behind ``benchmarks/run.py`` (``make bench``).
 
-    python benchmarks/convergence.py [--quick] [--workers 2] [--root artifacts/bench/<plan>] [--horizon STEPS]
-                                     [--no-deadline] [--estimate]
-
+The plan is data: ``configs/bench/plan/full.yaml`` and ``quick.yaml``, typed by :class:`Plan`.
 Every arm trains the same GPT on the same codes with the same data order and initialisation per seed (both come
 from ``train.seed`` only). Each (arm, seed) is trained once, to the arm's largest budget, saving a checkpoint at
 every budget; the budgets are scored from those checkpoints (never by retraining): FID on ``fid_samples``
 class-balanced samples from the EMA weights against held-out real images (real Inception, offline) and held-out
 diagnostics (fine NLL, coarse CE, the flat model marginalised onto every coarse head's clusters, normalised
 entropy). The learning rate is constant and the batch at step s depends on (seed, s) only, so a checkpoint at step
-b is the model a b-step run would have produced, and a longer horizon (``--horizon``) resumes the existing runs.
+b is the model a b-step run would have produced, and a longer horizon (``plan.horizon``) resumes the existing runs.
 
 Work is split into jobs (tokenizer, reference features, one training run, one scored checkpoint per decoder) that
-``--workers`` single-threaded processes take in priority order (on two cores that does ~1.3x the work of one
+``workers`` single-threaded processes take in priority order (on two cores that does ~1.3x the work of one
 two-threaded one): training runs first, then the scores (see :func:`plan_jobs`). Every job writes one JSON and skips
 itself when it is there, so an interrupted benchmark continues where it stopped; each run's results are gathered
 into ``runs/<tokenizer>/<arm>/seed<s>/bench.json``.
-Arms marked ``core=False`` (and every frequency-decoder score) are extras: one starts only while the projected end
+Arms marked ``core: false`` (and every frequency-decoder score) are extras: one starts only while the projected end
 of everything already admitted, itself included, stays inside the plan's deadline, measured from the start of
 ``make bench``; the projection is the cost model below list-scheduled exactly as the workers take jobs.
-``benchmarks/run.py`` turns the JSONs into docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import functools
 import heapq
@@ -34,32 +30,39 @@ import math
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 from masc_llamagen.utils.io import atomic_savez, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Tokenizer:
-    name: str  # configs/tokenizer/<name>.yaml
-    codebook_size: int
-    vq: tuple[str, ...] = ()  # tokenizer-training overrides (configs/vq_train.yaml keys)
+    """Its fields are part of every run's key (:func:`train_key`): a new field would orphan the results on disk."""
+
+    name: str = MISSING  # configs/tokenizer/<name>.yaml
+    codebook_size: int = MISSING
+    vq: list[str] = field(default_factory=list)  # tokenizer-training overrides (configs/vq_train.yaml keys)
     images: int | None = None  # train images to encode (None: all 60k, as the default job does)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Arm:
-    tokenizer: str
-    head: str  # flat | masc | kmeans | random
+    """One head of the study; its (arm, seed) pairs are the study's grid."""
+
+    tokenizer: str = MISSING
+    head: str = MISSING  # flat | masc | kmeans | random
     k: int | None = None
-    steps: int = 300  # each seed is trained once, to here
-    budgets: tuple[int, ...] = (300,)  # checkpoints scored: FID (uniform decoder) and held-out diagnostics
-    seeds: tuple[int, ...] = (0, 1, 2)
-    frequency: tuple[int, ...] = ()  # budgets also scored with the frequency member decoder (always extras)
+    steps: int | None = None  # each seed is trained once, to here; null: the plan's horizon
+    budgets: list[int] | None = None  # checkpoints scored (FID, uniform decoder; held-out diagnostics); null: doubling
+    seeds: list[int] | None = None  # null: the plan's seeds
+    frequency: list[int] = field(default_factory=list)  # budgets also scored with the frequency decoder (extras)
     core: bool = True  # False: an extra, run only while the deadline allows
 
     @property
@@ -69,29 +72,43 @@ class Arm:
 
 @dataclass
 class Plan:
-    name: str
-    model: str
-    batch: int
-    lr: float
-    cfg_scale: float
-    fid_samples: int
-    fid_reference: int
-    heldout_codes: int
-    tokenizers: tuple[Tokenizer, ...]
-    arms: tuple[Arm, ...]
+    """A study: ``configs/bench/plan/<name>.yaml`` holds what differs from these defaults."""
+
+    name: str = MISSING
+    tokenizers: list[Tokenizer] = MISSING
+    arms: list[Arm] = MISSING
+    horizon: int = 300  # arms without ``steps`` train to here
+    first_budget: int = 150  # arms without ``budgets`` are scored at first, 2 first, 4 first ... and their steps
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # of arms without their own
+    model: str = "gpt_micro"
+    batch: int = 32
+    lr: float = 1e-3
+    cfg_scale: float = 2.0
+    fid_samples: int = 500
+    fid_reference: int = 1000
+    heldout_codes: int = 1000
+    replacement_images: int = 1000  # held-out images of the report's semantic replacement test
     threads: int = 1
-    extra: tuple[str, ...] = field(default_factory=tuple)
+    extra: list[str] = field(default_factory=list)  # further training overrides (part of every run's key)
     deadline_s: float | None = None  # extras start only while the projected end stays inside this
     plateau_threshold: float = 1.0  # flat's curve has flattened: < this FID gained over each of its last 2 doublings
-    not_run: tuple[str, ...] = ()  # what the issue asks for that this plan leaves out, and why (for the report)
+    not_run: list[str] = field(default_factory=list)  # what the issue asks for that this plan leaves out, and why
+    # the speed benchmarks run first: script -> its Hydra overrides (configs/bench/<script>.yaml)
+    speed: dict[str, list[str]] = field(default_factory=lambda: {"tree": [], "train_step": [], "sampling": []})
+    wall_time_note: str = ""  # hand-written note on the committed results, shown under the report's Wall time
+
+    def __post_init__(self) -> None:
+        """Arms get their steps, budgets and seeds from the plan where they leave them out."""
+        arms = []
+        for a in self.arms:
+            steps = self.horizon if a.steps is None else a.steps
+            arms.append(replace(a, steps=steps, budgets=list(a.budgets or doubling_budgets(self.first_budget, steps)),
+                                seeds=list(self.seeds if a.seeds is None else a.seeds), frequency=list(a.frequency)))
+        self.arms = arms
 
     @property
     def steps(self) -> int:
         return max(a.steps for a in self.arms)
-
-    @property
-    def seeds(self) -> tuple[int, ...]:
-        return tuple(sorted({s for a in self.arms for s in a.seeds}))
 
     def arm(self, tokenizer: str, label: str) -> Arm:
         return next(a for a in self.arms if a.tokenizer == tokenizer and a.label == label)
@@ -107,8 +124,7 @@ class Plan:
         return sorted({s for s, _ in self.evals(arm)})
 
 
-TOK_1024 = Tokenizer("fmnist_vq_tiny", 1024)
-TOK_4096 = Tokenizer("fmnist_vq_4096", 4096, ("vq.codebook_size=4096",))
+ConfigStore.instance().store(group="plan", name="base_plan", node=Plan)
 
 
 def doubling_budgets(first: int, horizon: int) -> tuple[int, ...]:
@@ -118,60 +134,6 @@ def doubling_budgets(first: int, horizon: int) -> tuple[int, ...]:
         out.append(b)
         b *= 2
     return (*out, horizon)
-
-
-def full_plan(horizon: int = 2400) -> Plan:
-    """Sized for 2 CPU cores and 2.5 hours, from a fresh checkout (the tokenizer included).
-
-    Core, 3 seeds each: flat, MASC k = N/2 and k-means k = N/2 on N = 1024, each trained once to 2400 steps and
-    scored at 150, 300, 600, 1200 and 2400 steps on 500 samples. Extras, in this order and only while the deadline
-    allows: the frequency member decoder at 2400 steps for MASC and k-means (on the same samples), then MASC k = N/4
-    and random k = N/2 to 600 steps (scored at 300 and 600).
-
-    Estimated cost (:func:`estimate`; ``python benchmarks/convergence.py --estimate``), from the timings of the
-    committed 300-step study in docs/benchmarks.md (see the cost model below: a training step of gpt_micro at batch
-    32 0.40 s, FID Inception 0.229 s and sampling 0.015 s per image, 36 s of other work per scored checkpoint,
-    tokenizer and codes 640 s, speed benchmarks 250 s), list-scheduled on 2 workers: 2.50 h in all, of which the
-    core 2.46 h (2.30 h with the tokenizer already built); core training 8,640 and scoring 7,121 worker-seconds.
-    The deadline then admits the MASC frequency-decoder scores; the k-means ones, MASC N/4 and random need a faster
-    machine or a rerun (each rerun admits what its own 2.5 h allow). Scoring every budget on 1,000 samples instead
-    would take 3.22 h, and the N = 4096 pair to 2400 steps on 3 seeds (its tokenizer included) another 2.13 h on
-    its own, so neither is in the plan. Spot checks on one core of a lightly loaded 2-core Xeon were faster (0.28 s
-    per step, 0.11 s per Inception image); the figures above are those of two busy workers, the way the study runs.
-    """
-    n = TOK_1024.codebook_size
-    t = TOK_1024.name
-    budgets = doubling_budgets(150, horizon)
-    core = dict(steps=horizon, budgets=budgets, seeds=(0, 1, 2))
-    arms = (
-        Arm(t, "flat", None, **core),
-        Arm(t, "masc", n // 2, **core, frequency=(horizon,)),
-        Arm(t, "kmeans", n // 2, **core, frequency=(horizon,)),
-        Arm(t, "masc", n // 4, steps=600, budgets=(300, 600), core=False),
-        Arm(t, "random", n // 2, steps=600, budgets=(300, 600), core=False),
-    )
-    return Plan(name="full", model="gpt_micro", batch=32, lr=1e-3, cfg_scale=2.0, fid_samples=500,
-                fid_reference=1000, heldout_codes=1000, tokenizers=(TOK_1024,), arms=arms, deadline_s=2.5 * 3600,
-                not_run=("the N = 4096 tokenizer (flat and MASC k = 2048): its tokenizer and the two arms trained to "
-                         "the same horizon on 3 seeds would take about 2.1 h more on 2 workers, beyond the 2.5-hour "
-                         "budget next to the core; its 300-step result is in the history of this file",))
-
-
-def quick_plan(horizon: int = 40) -> Plan:
-    """Minutes, not hours: its own small tokenizer and code set, two seeds, few steps; FID on 100 samples is only a
-    smoke figure (far from comparable with the full plan's). Exercises every path of the full plan: curves over
-    seeds, a frequency-decoder extra, an extra arm."""
-    tok = Tokenizer("fmnist_vq_quick", 1024, ("steps=120", "eval_images=500"), images=4000)
-    t = tok.name
-    core = dict(steps=horizon, budgets=doubling_budgets(max(1, horizon // 4), horizon), seeds=(0, 1))
-    arms = (Arm(t, "flat", None, **core), Arm(t, "masc", 512, **core, frequency=(horizon,)),
-            Arm(t, "kmeans", 512, **core), Arm(t, "random", 512, steps=horizon // 2, budgets=(horizon // 2,),
-                                                seeds=(0,), core=False))
-    return Plan(name="quick", model="gpt_nano", batch=32, lr=1e-3, cfg_scale=2.0, fid_samples=100,
-                fid_reference=200, heldout_codes=500, tokenizers=(tok,), arms=arms)
-
-
-PLANS = {"full": full_plan, "quick": quick_plan}
 
 
 # -- cost model ------------------------------------------------------------------------------------------------------
@@ -244,7 +206,7 @@ def plan_jobs(plan: Plan) -> tuple[list[Job], dict[Job, tuple[Job, ...]], dict[J
     deps: dict[Job, tuple[Job, ...]] = {j: () for j in [*toks, ref]}
     unit: dict[Job, tuple | None] = {j: None for j in deps}
     core_scores, core_trains, extras = [], [], []
-    seed_rank = {s: i for i, s in enumerate(plan.seeds)}
+    seed_rank = {s: i for i, s in enumerate(sorted({s for a in plan.arms for s in a.seeds}))}
     for ai, arm in enumerate(plan.arms):
         for seed in arm.seeds:
             tr = Job("train", arm.tokenizer, arm.label, seed)
@@ -319,7 +281,7 @@ class Scheduler:
         self.done = set(done) & set(self.jobs)
         self.pending = [j for j in self.jobs if j not in self.done]
         self.running: dict[Job, float] = {}
-        self.admitted: set = set()
+        self.admitted: dict[tuple, None] = {}  # an ordered set: admission order, so the printout is stable
         self.failed: list[Job] = []
         self.blocked: list[Job] = []  # jobs that depended on a failed one
 
@@ -354,7 +316,7 @@ class Scheduler:
                 if self.deadline_s is not None and now + self.projected(now, u) > self.deadline_s:
                     rejected.add(u)
                     continue
-                self.admitted.add(u)
+                self.admitted[u] = None
             self.pending.remove(j)
             self.running[j] = now
             return j
@@ -527,24 +489,12 @@ def _build_small_tokenizer(tok: Tokenizer, root: Path) -> bool:
 
 
 def heldout_codes(cfg, n: int, root: Path) -> Path:
-    """Codes of the first n held-out images: the diagnostics' test set (no training sequence is among them)."""
-    import numpy as np
-    import torch
-
-    from masc_llamagen.data.images import build_image_dataset, heldout_split
+    """Codes of the first n held-out images, the diagnostics' test set, encoded once (the cache file's path)."""
+    from masc_llamagen.eval.model_eval import HeldoutCodes
     from masc_llamagen.weights import load_vq
 
-    path = root / "heldout" / f"{cfg.tokenizer.name}-{n}.npz"
-    if path.is_file():
-        return path
     vq = load_vq(cfg.tokenizer.checkpoint).eval()
-    ds = build_image_dataset(cfg.data.name, heldout_split(cfg.data.name), image_size=cfg.data.image_size)
-    x = torch.stack([ds[i][0] for i in range(n)])
-    y = np.array([int(ds[i][1]) for i in range(n)])
-    with torch.no_grad():
-        codes = torch.cat([vq.encode(x[s : s + 250]).reshape(min(250, n - s), -1) for s in range(0, n, 250)])
-    atomic_savez(path, codes=codes.numpy(), labels=y)
-    return path
+    return HeldoutCodes.encode(vq, cfg.data.name, n, image_size=cfg.data.image_size, cache_dir=root / "heldout").path
 
 
 def coarse_mappings(plan: Plan, tokenizer: str, root: Path) -> dict:
@@ -670,14 +620,13 @@ def _images(vq, tokens, side: int):
 
 def evaluate_checkpoint(plan: Plan, cfg, ck: Path, mappings: dict, seed: int, root: Path, ids_path: Path,
                         grid: Path | None) -> dict:
-    """Held-out diagnostics, then ``fid_samples`` samples -> uniform member decoder -> FID. The sampled coarse ids
-    are kept (``ids_path``) for the other decoders."""
+    """Held-out diagnostics, then ``fid_samples`` samples -> uniform member decoder -> FID, both by
+    :func:`evaluate_model`. The sampled coarse ids are kept (``ids_path``) for the other decoders."""
     import numpy as np
     import torch
 
     from masc_llamagen.checkpoint import TrainingCheckpoint
-    from masc_llamagen.eval.fid import frechet_distance
-    from masc_llamagen.eval.likelihood import heldout_diagnostics
+    from masc_llamagen.eval.model_eval import HeldoutCodes, evaluate_model
     from masc_llamagen.models.sampling import SamplingConfig, generate
     from masc_llamagen.report import class_grid
     from masc_llamagen.weights import load_gpt, load_vq
@@ -687,11 +636,11 @@ def evaluate_checkpoint(plan: Plan, cfg, ck: Path, mappings: dict, seed: int, ro
     out: dict = {"checkpoint": str(ck)}
 
     # held-out diagnostics -----------------------------------------------------------------------------------------
-    z = np.load(heldout_codes(cfg, plan.heldout_codes, root))
-    codes, labels = torch.from_numpy(z["codes"].astype(np.int64)), torch.from_numpy(z["labels"].astype(np.int64))
+    heldout = HeldoutCodes.encode(vq, cfg.data.name, plan.heldout_codes, image_size=cfg.data.image_size,
+                                  cache_dir=root / "heldout")
     vocabs = {d: state.vocabulary(d, cfg.head.smoothing) for d in ("uniform", "frequency")}
     voc = vocabs["uniform"]
-    out["heldout"] = heldout_diagnostics(model, vocabs, codes, labels, mappings)
+    out["heldout"] = evaluate_model(model, vocabs, heldout=heldout, mappings=mappings)["heldout"]
 
     # samples -> FID ------------------------------------------------------------------------------------------------
     n = plan.fid_samples
@@ -706,7 +655,7 @@ def evaluate_checkpoint(plan: Plan, cfg, ck: Path, mappings: dict, seed: int, ro
     imgs = _images(vq, voc.decode(ids, generator=torch.Generator().manual_seed(30_000 + seed)), side)
     _, ref = reference_features(plan, cfg)
     t1 = time.perf_counter()
-    out["fid"] = frechet_distance(inception()(imgs), ref)
+    out["fid"] = evaluate_model(images=imgs, fid_features=(inception(), ref))["fid"]
     out["inception_s"] = round(time.perf_counter() - t1, 1)
     if grid is not None:
         npz = grid.with_suffix(".npz")
@@ -724,7 +673,7 @@ def score_decoder(plan: Plan, cfg, ck: Path, decoder: str, seed: int, ids_path: 
     import torch
 
     from masc_llamagen.checkpoint import TrainingCheckpoint
-    from masc_llamagen.eval.fid import frechet_distance
+    from masc_llamagen.eval.model_eval import evaluate_model
     from masc_llamagen.weights import load_vq
 
     voc = TrainingCheckpoint.load(ck).vocabulary(decoder, cfg.head.smoothing)
@@ -735,7 +684,7 @@ def score_decoder(plan: Plan, cfg, ck: Path, decoder: str, seed: int, ids_path: 
     imgs = _images(vq, voc.decode(ids, generator=torch.Generator().manual_seed(30_000 + seed)), side)
     _, ref = reference_features(plan, cfg)
     t1 = time.perf_counter()
-    fid = frechet_distance(inception()(imgs), ref)
+    fid = evaluate_model(images=imgs, fid_features=(inception(), ref))["fid"]
     return {"checkpoint": str(ck), "fid": fid, "inception_s": round(time.perf_counter() - t1, 1)}
 
 
@@ -770,11 +719,10 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
 
 
-def run_plan(plan: Plan | str, root: Path, workers: int = 2, log=print, started: float | None = None,
+def run_plan(plan: Plan, root: Path, workers: int = 2, log=print, started: float | None = None,
              deadline: bool = True) -> dict:
     """Run every job not yet done; extras only while the projected end stays inside the plan's deadline, counted
     from ``started`` (time.time() of the start of make bench; default now)."""
-    plan = PLANS[plan]() if isinstance(plan, str) else plan
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(plan.threads))
     started = time.time() if started is None else started
@@ -836,10 +784,6 @@ def run_plan(plan: Plan | str, root: Path, workers: int = 2, log=print, started:
     return summary
 
 
-def make_plan(name: str, horizon: int | None = None) -> Plan:
-    return PLANS[name]() if horizon is None else PLANS[name](horizon)
-
-
 def describe_estimate(plan: Plan, workers: int = 2) -> str:
     e, core = estimate(plan, workers), estimate(plan, workers, deadline_s=0)
     built = estimate(plan, workers, deadline_s=0, tokenizers_built=True)
@@ -848,27 +792,3 @@ def describe_estimate(plan: Plan, workers: int = 2) -> str:
             f"{core['total_s'] / 3600:.2f} h ({built['total_s'] / 3600:.2f} h with the tokenizers built); core "
             f"training {w.get('train', 0):,.0f} and scoring {w.get('score', 0):,.0f} worker-seconds; extras admitted: "
             f"{', '.join(e['admitted']) or 'none'}; left out: {', '.join(e['skipped']) or 'none'}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="the reduced plan (minutes)")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--root", default=None, help="where runs and results go (default artifacts/bench/<plan>)")
-    ap.add_argument("--horizon", type=int, default=None, help="train the core arms to this many steps (budgets "
-                    "double from the first one up to it); existing runs continue from their last checkpoint")
-    ap.add_argument("--no-deadline", action="store_true", help="run the extras whatever the time")
-    ap.add_argument("--estimate", action="store_true", help="print the cost estimate and exit")
-    args = ap.parse_args(argv)
-    name = "quick" if args.quick else "full"
-    plan = make_plan(name, args.horizon)
-    if args.estimate:
-        print(describe_estimate(plan, args.workers))
-        return 0
-    root = Path(args.root or REPO / "artifacts" / "bench" / name)
-    run_plan(plan, root, args.workers, deadline=not args.no_deadline)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """The hostile-user matrix as a measurement: run each case through the real CLIs of a checkout and classify it.
 
-    python benchmarks/hostile_matrix.py [--repo PATH] [--json OUT]
+    python benchmarks/hostile_matrix.py [repo=PATH] [json=OUT]
 
 Classes: ``error`` (non-zero exit, last stderr line ``error: ...``, no traceback), ``traceback``, ``accepted`` (exit 0:
 silently wrong for every case here, each being a mistake the tool should refuse), ``lost`` (a case that destroyed or
@@ -10,7 +10,6 @@ categories before and after a change; the unit tests (tests/test_reliability.py)
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
@@ -18,7 +17,25 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+HERE = Path(__file__).resolve()
+
+
+@dataclass
+class HostileMatrix:
+    """configs/bench/hostile_matrix.yaml only keeps Hydra from making output folders."""
+
+    repo: str | None = None  # the checkout whose CLIs are measured; null: this one
+    json: str | None = None  # also write the classes and their counts here
+
+
+ConfigStore.instance().store(name="base_hostile_matrix", node=HostileMatrix)
 
 
 class _Evil:
@@ -45,12 +62,8 @@ def _classify(rc: int, err: str) -> str:
     return "error" if last.startswith("error") else "traceback"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]))
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    repo = Path(args.repo).resolve()
+def measure(args: HostileMatrix) -> None:
+    repo = Path(args.repo or HERE.parents[1]).resolve()
     py = sys.executable
     work = Path(tempfile.mkdtemp(prefix="hostile-"))
     sys.path.insert(0, str(repo / "tests"))
@@ -169,6 +182,12 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"repo": str(repo), "results": results, "counts": counts}, indent=2))
     shutil.rmtree(work, ignore_errors=True)
+
+
+
+@hydra.main(version_base="1.3", config_path=str(HERE.parents[1] / "configs" / "bench"), config_name="hostile_matrix")
+def main(cfg: DictConfig) -> None:
+    measure(OmegaConf.to_object(cfg))
 
 
 if __name__ == "__main__":

@@ -51,12 +51,8 @@ def machine(device: str) -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device, "device_name": name}
 
 
-def resolve_device(ap, choice: str) -> str:
-    """--device auto|cpu|cuda -> cpu or cuda; asking for CUDA where there is none is a usage error."""
-    from masc_llamagen.errors import ConfigError
+def resolve_device(choice: str) -> str:
+    """device=auto|cpu|cuda -> cpu or cuda; asking for CUDA where there is none is a ConfigError (one line, exit 1)."""
     from masc_llamagen.utils.devices import pick_device
 
-    try:
-        return pick_device(choice).type
-    except ConfigError as e:
-        ap.error(str(e))
+    return pick_device(choice).type

@@ -1,24 +1,53 @@
-"""The benchmark plans compose into valid training configs, the study fits its budget on the cost model, the job
-scheduler keeps its promises, and the report's statistics are right on hand-made data."""
+"""The benchmark plans (configs/bench/) compose into valid training configs, the study fits its budget on the cost
+model, the job scheduler keeps its promises, and the report's statistics are right on hand-made data."""
 
 import json
 import re
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 import convergence  # noqa: E402
+import report  # noqa: E402
+import results  # noqa: E402
 import run as bench_run  # noqa: E402
 from convergence import Arm, Job, Plan, Scheduler, Tokenizer  # noqa: E402
 
+PLANS = sorted(p.stem for p in (REPO / "configs" / "bench" / "plan").glob("*.yaml"))
 
-@pytest.mark.parametrize("name", sorted(convergence.PLANS))
+
+def bench_job(*overrides: str) -> bench_run.BenchJob:
+    """``python benchmarks/run.py OVERRIDES``'s typed job, composed as the app composes it."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs" / "bench")):
+        return OmegaConf.to_object(compose("convergence", overrides=list(overrides)))
+
+
+def bench_plan(name: str = "full", *overrides: str) -> Plan:
+    return bench_job(f"plan={name}", *overrides).plan
+
+
+def test_the_app_defaults_to_the_full_plan_and_maps_the_old_flags():
+    job = bench_job()
+    assert job.plan.name == "full" and job.deadline and not job.estimate and not job.report_only
+    job = bench_job("plan=quick", "plan.horizon=80", "deadline=false", "estimate=true", "workers=1")
+    assert job.plan.name == "quick" and not job.deadline and job.estimate and job.workers == 1
+    assert all(a.steps == 80 and a.budgets[-1] == 80 for a in job.plan.arms if a.core)
+    assert bench_run.command_line(job.plan, ["plan=quick", "plan.horizon=80", "out=/tmp/x"]) == \
+        "make bench-quick ARGS='plan.horizon=80'"
+    assert bench_run.command_line(bench_job().plan, ["report_only=true", "out=/tmp/x"]) == "make bench"
+
+
+@pytest.mark.parametrize("name", PLANS)
 def test_every_arm_composes_with_the_plan_applied(name, tmp_path):
-    plan = convergence.PLANS[name]()
+    plan = bench_plan(name)
     for arm in plan.arms:
         cfg = convergence.compose(convergence.train_overrides(plan, arm, 1, tmp_path), tmp_path / "run")
         assert cfg.head.name == arm.head and cfg.train.seed == 1 and cfg.train.steps == arm.steps
@@ -37,7 +66,7 @@ def test_every_arm_composes_with_the_plan_applied(name, tmp_path):
 
 
 def test_full_plan_covers_the_issue():
-    plan = convergence.full_plan()
+    plan = bench_plan()
     n = plan.tokenizers[0].codebook_size
     t1 = plan.tokenizers[0].name
     core = {a.label: a for a in plan.arms if a.core and a.tokenizer == t1}
@@ -45,7 +74,7 @@ def test_full_plan_covers_the_issue():
     for arm in core.values():  # whole curves: >= 3 seeds, >= 5 budgets, to >= 2400 steps, one run per seed
         assert len(arm.seeds) >= 3 and len(arm.budgets) >= 5 and max(arm.budgets) >= 2400
         assert arm.steps == max(arm.budgets) and list(arm.budgets) == sorted(set(arm.budgets))
-    assert len({(a.budgets, a.seeds) for a in core.values()}) == 1  # the same budgets and seeds: paired curves
+    assert len({(tuple(a.budgets), tuple(a.seeds)) for a in core.values()}) == 1  # the same: paired curves
     extras = {a.label for a in plan.arms if not a.core}
     assert {f"masc-k{n // 4}", f"random-k{n // 2}"} <= extras
     assert {d for _, d in plan.evals(core[f"masc-k{n // 2}"])} == {"uniform", "frequency"}
@@ -58,9 +87,10 @@ def test_full_plan_covers_the_issue():
     assert not core_only["admitted"] and core_only["jobs"] == 2 + 9 + 45  # tokenizer, reference, 9 runs, 45 scores
 
 
-def test_the_plan_docstring_states_the_estimate_it_has():
-    plan = convergence.full_plan()
-    doc = " ".join(convergence.full_plan.__doc__.split())
+def test_the_plan_file_states_the_estimate_it_has():
+    plan = bench_plan()
+    text = (REPO / "configs" / "bench" / "plan" / "full.yaml").read_text()
+    doc = " ".join(" ".join(ln[1:] for ln in text.splitlines() if ln.startswith("#")).split())
     total = convergence.estimate(plan)["total_s"] / 3600
     core = convergence.estimate(plan, deadline_s=0)
     built = convergence.estimate(plan, deadline_s=0, tokenizers_built=True)["total_s"] / 3600
@@ -73,7 +103,7 @@ def test_the_plan_docstring_states_the_estimate_it_has():
 
 
 def test_cost_model_arithmetic_by_hand():
-    plan = convergence.full_plan()
+    plan = bench_plan()
     train = Job("train", "fmnist_vq_tiny", "flat", 0)
     score = Job("score", "fmnist_vq_tiny", "flat", 0, 150, "uniform")
     freq = Job("score", "fmnist_vq_tiny", "masc-k512", 0, 2400, "frequency")
@@ -86,13 +116,14 @@ def test_cost_model_arithmetic_by_hand():
 def test_budgets_double_up_to_the_horizon():
     assert convergence.doubling_budgets(150, 2400) == (150, 300, 600, 1200, 2400)
     assert convergence.doubling_budgets(150, 4000) == (150, 300, 600, 1200, 2400, 4000)
-    longer = convergence.full_plan(4800)
+    longer = bench_plan("full", "plan.horizon=4800")
     assert all(a.steps == 4800 and a.budgets[-1] == 4800 for a in longer.arms if a.core)
+    assert [a.frequency for a in longer.arms if a.head == "masc" and a.core] == [[4800]]  # follows the horizon
 
 
 def test_a_longer_horizon_continues_the_same_runs():
     """train_key leaves the step count out (the run resumes); a score's key holds what its FID means."""
-    a, b = convergence.full_plan(), convergence.full_plan(4800)
+    a, b = bench_plan(), bench_plan("full", "plan.horizon=4800")
     arm_a, arm_b = a.arm("fmnist_vq_tiny", "flat"), b.arm("fmnist_vq_tiny", "flat")
     assert convergence.train_key(a, arm_a, 0) == convergence.train_key(b, arm_b, 0)
     assert convergence.train_key(a, arm_a, 0) != convergence.train_key(a, arm_a, 1)
@@ -102,7 +133,7 @@ def test_a_longer_horizon_continues_the_same_runs():
 
 
 def test_job_done_reads_the_json_with_its_key(tmp_path):
-    plan = convergence.quick_plan()
+    plan = bench_plan("quick")
     arm = plan.arms[0]
     rd = convergence.run_dir(tmp_path, arm, 0)
     job = Job("train", arm.tokenizer, arm.label, 0)
@@ -200,7 +231,7 @@ def test_deadline_admits_extras_that_fit_and_skips_the_rest():
 def test_projection_matches_the_simulated_run():
     sched = Scheduler(toy_plan(), 2, cost=toy_cost)
     for u in {u for u in sched.unit.values() if u is not None}:
-        sched.admitted.add(u)
+        sched.admitted[u] = None
     projected = sched.projected(0.0)
     end, _ = run_sim(Scheduler(toy_plan(), 2, cost=toy_cost), 2, toy_cost)
     assert projected == pytest.approx(end)
@@ -246,12 +277,12 @@ MASC = {0: {100: 60.0, 200: 40.0, 400: 25.0, 800: 22.0}, 1: {100: 62.0, 200: 42.
 
 
 def report_groups():
-    return bench_run.group([fake_run("flat", s, FLAT[s], 0.4) for s in FLAT]
+    return results.group([fake_run("flat", s, FLAT[s], 0.4) for s in FLAT]
                            + [fake_run("masc-k8", s, MASC[s], 0.5) for s in MASC])
 
 
 def test_acceleration_rows_pair_seeds_and_use_step_times():
-    rows = {(a["label"], a["budget"]): a for a in bench_run.acceleration_rows(report_plan(), report_groups())}
+    rows = {(a["label"], a["budget"]): a for a in results.acceleration_rows(report_plan(), report_groups())}
     a = rows[("masc-k8", 200)]
     # seed 0: flat's 50 at 200 is reached between 100 (60) and 200 (40) at 150
     assert a["seeds"][0]["steps"] == pytest.approx(150) and a["seeds"][0]["acceleration"] == pytest.approx(0.25)
@@ -264,7 +295,7 @@ def test_acceleration_rows_pair_seeds_and_use_step_times():
     assert last[0]["steps"] is None and last[1]["steps"] is None
     assert last[2]["steps"] == pytest.approx(400 + (24 - 19) / (24 - 18) * 400)
     assert rows[("masc-k8", 100)]["seeds"][0]["bound"]  # below flat's first FID at its own first checkpoint
-    table = bench_run.acceleration_table(report_plan(), report_groups())
+    table = report.acceleration_table(report_plan(), report_groups())
     line = next(ln for ln in table.splitlines() if "| masc-k8 | 800 |" in ln)
     assert "not reached, not reached, 733" in line and "(2 of 3 not reached)" in line
     line = next(ln for ln in table.splitlines() if "| masc-k8 | 200 |" in ln)
@@ -273,14 +304,14 @@ def test_acceleration_rows_pair_seeds_and_use_step_times():
 
 def test_area_and_delta_tables_by_hand():
     plan, groups = report_plan(), report_groups()
-    table = bench_run.area_table(plan, groups)
+    table = report.area_table(plan, groups)
     from masc_llamagen.eval.acceleration import area_ratio
 
     want = [area_ratio(sorted(MASC[s].items()), sorted(FLAT[s].items())) for s in (0, 1, 2)]
     # seed 0 by hand: masc 100*(60+40)/2 + 200*(40+25)/2 + 400*(25+22)/2 = 20900; flat 6500 + 8000 + 10000 = 24500
     assert want[0] == pytest.approx(20900 / 24500)
     assert ", ".join(f"{v:.3f}" for v in want) in table
-    deltas, verdicts = bench_run.delta_table(plan, groups)
+    deltas, verdicts = report.delta_table(plan, groups)
     line = next(ln for ln in deltas.splitlines() if "masc-k8" in ln)
     assert "-20.00 (lower in 3/3)" in line and "+1.00 (lower in 1/3)" in line  # at 100; at 800: +2, +2, -1
     v = next(x for x in verdicts if x.startswith("- masc-k8 vs flat"))
@@ -289,38 +320,39 @@ def test_area_and_delta_tables_by_hand():
 
 def test_plateau_and_headline_say_what_the_curves_show():
     plan, groups = report_plan(), report_groups()
-    lines = bench_run.plateau_lines(plan, groups)
+    lines = report.plateau_lines(plan, groups)
     # flat's mean curve: 81, 51, 30, 20 -> gains 21 (200 -> 400) and 10 (400 -> 800), both >= 1
     assert len(lines) == 1 and "+21.00, +10.00" in lines[0] and "**not flattened** by 800" in lines[0]
-    head = bench_run.headline(plan, groups)
+    head = report.headline(plan, groups)
     assert any("masc-k8 vs flat" in h and "-20.00 at 100 steps (better)" in h and "the lead is gone" in h
                and "reached by 1 of 3 seeds" in h for h in head)
     flat_late = {s: dict(v) | {1600: v[800] - 0.5, 3200: v[800] - 0.8} for s, v in FLAT.items()}
     plan2 = replace(plan, arms=(replace(plan.arms[0], steps=3200, budgets=(100, 200, 400, 800, 1600, 3200)),
                                 plan.arms[1]))
-    g2 = bench_run.group([fake_run("flat", s, flat_late[s]) for s in flat_late])
-    assert "**flattened** by 3200" in bench_run.plateau_lines(plan2, g2)[0]
+    g2 = results.group([fake_run("flat", s, flat_late[s]) for s in flat_late])
+    assert "**flattened** by 3200" in report.plateau_lines(plan2, g2)[0]
 
 
 def test_fid_tables_show_mean_std_and_every_seed():
-    means, seeds = bench_run.fid_tables(report_plan(), report_groups())
+    means, seeds = report.fid_tables(report_plan(), report_groups())
     line = next(ln for ln in means.splitlines() if "| flat |" in ln)
     assert "81.00 ± 1.00" in line and "| 3 |" in line  # 80, 82, 81
     assert "| masc-k8 | uniform | 1 | 62.00 | 42.00 | 26.00 | 23.00 |" in seeds
 
 
 def test_verdict_calls_only_what_the_interval_supports():
-    assert "better" in bench_run._verdict("x", np.array([-5.0, -6.0, -5.5]))
-    assert "worse" in bench_run._verdict("x", np.array([5.0, 6.0, 5.5]))
-    assert "contains 0" in bench_run._verdict("x", np.array([-5.0, 4.0, 0.5]))
-    assert "one seed" in bench_run._verdict("x", np.array([-5.0]))
+    assert "better" in report._verdict("x", np.array([-5.0, -6.0, -5.5]))
+    assert "worse" in report._verdict("x", np.array([5.0, 6.0, 5.5]))
+    assert "contains 0" in report._verdict("x", np.array([-5.0, 4.0, 0.5]))
+    assert "one seed" in report._verdict("x", np.array([-5.0]))
     # the interval itself: mean -2, sd 1, n 3 -> half width t(0.975, 2) * 1 / sqrt(3) = 2.484
-    line = bench_run._verdict("x", np.array([-1.0, -2.0, -3.0]))
+    line = report._verdict("x", np.array([-1.0, -2.0, -3.0]))
     assert "[-4.48, +0.48]" in line
 
 
 def test_report_renders_from_run_jsons(tmp_path, monkeypatch):
-    """The whole template on hand-made bench.json files (no tokenizer: the cluster table is stubbed)."""
+    """The whole template (benchmarks/report.md) on hand-made bench.json files (no tokenizer: the cluster table is
+    stubbed); every field is filled (string.Template.substitute refuses a missing one)."""
     plan = report_plan()
     for r in [fake_run("flat", s, FLAT[s], 0.4) for s in FLAT] + [fake_run("masc-k8", s, MASC[s], 0.5,
                                                                             freq={800: MASC[s][800] - 1})
@@ -328,9 +360,9 @@ def test_report_renders_from_run_jsons(tmp_path, monkeypatch):
         p = tmp_path / "runs" / "tok" / r["arm"]["label"] / f"seed{r['seed']}" / "bench.json"
         p.parent.mkdir(parents=True)
         p.write_text(json.dumps(r))
-    monkeypatch.setattr(bench_run, "cluster_table", lambda plan, root, n: ("(clusters)", {}))
-    monkeypatch.setattr(convergence, "estimate", lambda plan, workers=2, **k: {"total_s": 3600.0})
-    path = bench_run.write_benchmarks_md(plan, tmp_path, tmp_path / "out", {}, "make bench", 10)
+    monkeypatch.setattr(report, "cluster_table", lambda plan, root, n: ("(clusters)", {}))
+    monkeypatch.setattr(report, "estimate", lambda plan, workers=2, **k: {"total_s": 3600.0})
+    path = report.write_benchmarks_md(plan, tmp_path, tmp_path / "out", {}, "make bench")
     md = path.read_text()
     for section in ("### Headline", "### FID vs training steps", "### Has flat's FID curve flattened?",
                     "### Acceleration curve", "### FID-vs-step area ratio", "### Held-out diagnostics"):
@@ -339,3 +371,28 @@ def test_report_renders_from_run_jsons(tmp_path, monkeypatch):
     for png in ("fid-tok.png", "acceleration-tok.png", "heldout-tok.png"):
         assert (tmp_path / "out" / "benchmarks" / png).is_file() and f"benchmarks/{png}" in md
     assert re.search(r"Core: 6 of 6 training runs, 24 of 24 scored checkpoints\.", md)
+    assert "(clusters)" in md and "$" not in md  # every field filled, none left as a placeholder
+
+
+@pytest.mark.slow
+def test_the_app_prints_the_estimate_and_writes_nothing(tmp_path):
+    """The Hydra app end to end in a subprocess: no outputs/ folder, no change of directory."""
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "plan=quick", "estimate=true"],
+                       cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == convergence.describe_estimate(bench_plan("quick"))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_speed_worker_runs_in_its_own_process(tmp_path):
+    """The workers' protocol (benchmarks/isolated.py): the O(N^3) reference loop of bench_tree, in a fresh
+    interpreter, merges at scipy's average-linkage heights."""
+    import bench_tree
+    from isolated import in_fresh_process
+    from scipy.cluster.hierarchy import linkage
+
+    info = in_fresh_process("bench_tree", "worker", kind="ref", n=60, seed=3, zout=str(tmp_path / "ref.npy"))
+    assert info["kind"] == "ref" and info["n"] == 60 and info["wall_s"] >= 0
+    heights = np.load(tmp_path / "ref.npy")
+    want = linkage(bench_tree.make_codebook(60, 8, 3).astype(np.float64), "average")[:, 2]
+    np.testing.assert_allclose(np.sort(heights), np.sort(want), rtol=1e-9)
