@@ -137,7 +137,7 @@ def plan_for(device: str) -> Plan:
             small_run=Run("gpt_micro", "masc", 512, 64, 40, 5), big_run=Run("llamagen_b", "flat", None, 64, 30, 5),
             stop_after=20, samples_small=(100, 50), samples_big=(256, 64), sample_dtype="bfloat16",
             reference_images=512, feature_layer="2048", eval_batch=128, mixed_precision="bf16", compile=True,
-            bench_args=("--device", "cuda", "--batch", "32", "--steps", "10"),
+            bench_args=("device=cuda", "batch=32", "steps=10"),
             t2i=replace(small, name="t2i", images=1024, classes=64, tokenizer="small"),
             t2i_run=Run("gpt_micro", "masc", 512, 64, 30, 5), caption_slots=16, prompts=64, sample_batch_t2i=64,
             reference_images_t2i=128,
@@ -151,8 +151,8 @@ def plan_for(device: str) -> Plan:
         small_run=Run("gpt_nano", "masc", 32, 8, 6, 1), big_run=Run("gpt_nano", "flat", None, 8, 4, 1),
         stop_after=3, samples_small=(8, 8), samples_big=(8, 8), sample_dtype="float32", reference_images=16,
         feature_layer="64", eval_batch=16, mixed_precision="no", compile=False,
-        bench_args=("--device", "cpu", "--model", "GPT-nano", "--vocab", "256", "--k", "128", "--grid", "8",
-                    "--batch", "2", "--steps", "1", "--warmup", "1", "--layers", "1"),
+        bench_args=("device=cpu", "model=GPT-nano", "vocab=256", "k=[128]", "grid=8", "batch=2", "steps=1", "warmup=1",
+                    "layers=1"),
         t2i=replace(small, name="t2i", images=48, classes=8, tokenizer="small"),
         t2i_run=Run("gpt_nano", "masc", 32, 8, 4, 1), caption_slots=16, prompts=8, sample_batch_t2i=8,
         reference_images_t2i=16,
@@ -565,7 +565,7 @@ class Check:
     # bench ------------------------------------------------------------------------------------------------------------
     def bench(self, row: Row) -> list[Row]:
         out = self.work / "bench.json"
-        cmd = [self.r.py, "benchmarks/bench_train_step.py", *self.plan.bench_args, "--json", out]
+        cmd = [self.r.py, "benchmarks/bench_train_step.py", *self.plan.bench_args, f"json={out}"]
         rc, text = self.r.run("bench", cmd, row)
         if rc != 0:
             raise StageError(text if rc is None else f"bench_train_step.py exit {rc}: {last_error(text)}")

@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import gpu_check  # noqa: E402
 
 TRAIN_ROWS = ("train-small", "train-small-resume", "train-t2i", "train-b", "train-b-compile")
-# the CPU plan's bench: --vocab 256 --k 128, parts head and step
+# the CPU plan's bench: vocab=256 k=[128], parts head and step
 BENCH_ROWS = ("bench head flat 256", "bench head masc 128", "bench step flat 256", "bench step masc 128")
 
 
