@@ -24,6 +24,12 @@ class TrainingError(MascError, RuntimeError):
     """A run that must stop or cannot start (non-finite loss, a run directory in use, an incompatible resume)."""
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message as one line (a library's multi-line message would break the one-line rule)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 def describe_os_error(e: OSError) -> str:
     where = f" {e.filename}" if e.filename else ""
     if e.errno == errno.ENOSPC:

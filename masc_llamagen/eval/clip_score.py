@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from masc_llamagen.errors import first_line
 from masc_llamagen.eval.coco_images import EVAL_RESOLUTION, center_crop_lanczos, read_rgb
 from masc_llamagen.eval.inception import _is_torchscript
-from masc_llamagen.eval.metrics import EvalError, _first_line
+from masc_llamagen.eval.metrics import EvalError
 
 CLIP_PREFIX = "A photo depicts "
 CLIP_ARCH = "ViT-B-32"
@@ -89,13 +90,13 @@ def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], str, str]:
         try:
             state = load_safetensors(data)
         except Exception as e:
-            raise EvalError(f"{path}: not a readable .safetensors file ({_first_line(e)})") from None
+            raise EvalError(f"{path}: not a readable .safetensors file ({first_line(e)})") from None
         kind = "safetensors state dict"
     else:
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # pickled code is refused by weights_only=True
-            raise EvalError(f"{path}: not a plain CLIP state dict ({_first_line(e)}); pass OpenAI's ViT-B-32.pt, a "
+            raise EvalError(f"{path}: not a plain CLIP state dict ({first_line(e)}); pass OpenAI's ViT-B-32.pt, a "
                             "state dict saved with torch.save, or .safetensors") from None
         kind = "torch state dict"
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -135,7 +136,7 @@ class _ClipImages(Dataset):
             img = Image.fromarray(center_crop_lanczos(read_rgb(self.files[i])))
             return self.preprocess(img), ""
         except Exception as e:
-            return torch.zeros(3, 224, 224), f"{self.files[i]}: unreadable image ({_first_line(e)})"
+            return torch.zeros(3, 224, 224), f"{self.files[i]}: unreadable image ({first_line(e)})"
 
 
 class ClipScorer:
@@ -164,7 +165,7 @@ class ClipScorer:
                 with _quiet_open_clip():
                     model = open_clip.create_model(CLIP_ARCH, pretrained="openai", force_quick_gelu=True)
             except Exception as e:
-                raise EvalError(f"downloading OpenAI CLIP ViT-B/32 weights failed ({_first_line(e)}); pass "
+                raise EvalError(f"downloading OpenAI CLIP ViT-B/32 weights failed ({first_line(e)}); pass "
                                 "clip_weights=PATH instead") from None
             self.info = {"model": CLIP_DESCRIPTION, "weights": "open_clip pretrained='openai' (downloaded)",
                          "weights_sha256": None, "weights_source": "open_clip download"}

@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from masc_llamagen.data.prompts import read_lines
+from masc_llamagen.errors import first_line
 from masc_llamagen.eval.coco_images import EVAL_RESOLUTION, center_crop_lanczos, read_rgb
 from masc_llamagen.eval.inception import (
     load_inception,
@@ -45,7 +46,7 @@ from masc_llamagen.eval.inception import (
     warn_line,
     weights_source,
 )
-from masc_llamagen.eval.metrics import EvalError, ImageSource, _first_line, cached_features
+from masc_llamagen.eval.metrics import EvalError, ImageSource, cached_features
 
 PROTOCOL = "coco30k"
 RESIZE_MODE = "center-crop + PIL Lanczos to 256, then clean-fid clean"
@@ -100,7 +101,7 @@ class CleanFIDInput(Dataset):
         try:
             x = self._resize(center_crop_lanczos(read_rgb(path), self.size))
         except Exception as e:  # a truncated or non-image file
-            return torch.zeros(3, INCEPTION_INPUT, INCEPTION_INPUT), f"{path}: unreadable image ({_first_line(e)})"
+            return torch.zeros(3, INCEPTION_INPUT, INCEPTION_INPUT), f"{path}: unreadable image ({first_line(e)})"
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)), ""
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from masc_llamagen.data import images as data_images
-from masc_llamagen.errors import MascError
+from masc_llamagen.errors import MascError, first_line
 from masc_llamagen.eval.inception import (
     TORCH_FIDELITY_FILE,
     InceptionWeightsError,
@@ -60,11 +60,6 @@ _HASH_CHUNK = 1 << 22
 
 class EvalError(MascError, ValueError):
     """An evaluation input that cannot be scored as given; the message says what to pass instead."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0][:200] if text else type(e).__name__)
 
 
 def _sha(text: str | bytes) -> str:
@@ -106,7 +101,7 @@ def _open_npz(path: str | os.PathLike):
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as e:  # not a zip/npy (numpy refuses the pickle path), truncated, unreadable...
-        raise EvalError(f"{path}: not a readable .npz ({_first_line(e)})") from None
+        raise EvalError(f"{path}: not a readable .npz ({first_line(e)})") from None
     if not hasattr(z, "files"):
         raise EvalError(f"{path}: a single .npy array, not an .npz archive (save images with np.savez(path, arr_0=x))")
     return z
@@ -116,7 +111,7 @@ def _read_member(z, path, name: str) -> np.ndarray:
     try:
         return z[name]
     except Exception as e:  # object arrays (allow_pickle=False), CRC errors, truncated members
-        raise EvalError(f"{path}: cannot read {name} ({_first_line(e)})") from None
+        raise EvalError(f"{path}: cannot read {name} ({first_line(e)})") from None
 
 
 def _member_header(z, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
@@ -195,7 +190,7 @@ def _read_image_file(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)  # torch-fidelity's TransformPILtoRGBTensor
     except Exception as e:
-        raise EvalError(f"{path}: unreadable image ({_first_line(e)})") from None
+        raise EvalError(f"{path}: unreadable image ({first_line(e)})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,7 +314,7 @@ def _build_image_dataset(name: str, split: str, image_size: int | None, root: st
     try:
         return data_images.build_image_dataset(name, split, image_size=image_size, root=root)
     except (OSError, ValueError, KeyError) as e:  # DatasetNotFoundError is a FileNotFoundError
-        raise EvalError(f"reference dataset {name!r} ({split}): {_first_line(e)}") from None
+        raise EvalError(f"reference dataset {name!r} ({split}): {first_line(e)}") from None
 
 
 def _dataset_fingerprint(name: str, split: str, root: str | os.PathLike | None) -> str | None:
@@ -469,7 +464,7 @@ def read_cached_features(path: Path, key: str, count: int | None = None, dim: in
                 elif not np.isfinite(feats).all():
                     reason = "features hold NaN or inf"
     except Exception as e:  # a pickle (refused by allow_pickle=False), a truncated zip, a folder...
-        reason = f"unreadable ({_first_line(e)})"
+        reason = f"unreadable ({first_line(e)})"
     if reason is not None:
         warn_line(f"ignoring reference feature cache {path}: {reason}; recomputing")
         return None
@@ -555,7 +550,7 @@ def read_sample_sidecar(generated: Any) -> tuple[Path, dict[str, Any]] | None:
         try:
             meta = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            warn_line(f"ignoring unreadable sample sidecar {path} ({_first_line(e)})")
+            warn_line(f"ignoring unreadable sample sidecar {path} ({first_line(e)})")
             continue
         if isinstance(meta, dict):
             return path, meta

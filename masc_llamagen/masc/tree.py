@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from masc_llamagen.errors import first_line
 from masc_llamagen.masc.linkage import (
     CLUSTER_ORDER,
     METHODS,
@@ -35,11 +36,6 @@ FORMAT = "masc-tree"
 FORMAT_VERSION = 1
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 BUILD_COMMAND = "python -m masc_llamagen.tree action=build codebook=CODEBOOK"
-
-
-def first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
 
 
 def codebook_sha256(codebook: Any) -> str:
@@ -185,7 +181,7 @@ def load_tree(path: str | os.PathLike) -> Tree:
     except TreeError:
         raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
-        raise TreeError(f"{path}: not a readable MASC tree file ({first_line(e)[:160]}); "
+        raise TreeError(f"{path}: not a readable MASC tree file ({first_line(e, 160)}); "
                         f"it is truncated or corrupt: {rebuild}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise TreeError(f"{path}: not a MASC tree file (no '{FORMAT}' header); {rebuild}")

@@ -22,10 +22,10 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from masc_llamagen.errors import ConfigError, user_errors
+from masc_llamagen.errors import ConfigError, first_line, user_errors
 from masc_llamagen.masc.linkage import TreeError, as_codebook
 from masc_llamagen.masc.members import size_summary
-from masc_llamagen.masc.tree import Cut, Tree, build_tree, first_line, load_tree, save_mapping, verify_fingerprint
+from masc_llamagen.masc.tree import Cut, Tree, build_tree, load_tree, save_mapping, verify_fingerprint
 
 CODEBOOK_KEY = "quantize.embedding.weight"
 ACTIONS = {"build": ("codebook", "tree"), "cut": ("tree", "k", "mapping"), "stats": ("tree", "k")}
@@ -93,10 +93,10 @@ def load_codebook(path: str | os.PathLike) -> np.ndarray:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise TreeError(f"{p}: refused to unpickle arbitrary objects ({first_line(e)[:160]}); "
+        raise TreeError(f"{p}: refused to unpickle arbitrary objects ({first_line(e, 160)}); "
                         "save the codebook as a plain tensor, state dict or .npy") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise TreeError(f"{p}: cannot read ({first_line(e)[:160]}); the file is truncated or corrupt") from None
+        raise TreeError(f"{p}: cannot read ({first_line(e, 160)}); the file is truncated or corrupt") from None
     if isinstance(obj, torch.Tensor):
         return as_codebook(obj, source=str(p))
     if isinstance(obj, Mapping):

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from masc_llamagen.errors import ConfigError, TrainingError, user_errors
+from masc_llamagen.errors import ConfigError, TrainingError, first_line, user_errors
 from masc_llamagen.tokenizer.evaluate import RFIDScorer, evaluate_reconstruction
 from masc_llamagen.tokenizer.losses import PatchDiscriminator, adaptive_gan_weight, build_perceptual, hinge_d_loss
 from masc_llamagen.tokenizer.reseed import reseed_dead_codes
@@ -55,11 +55,6 @@ from masc_llamagen.weights import CheckpointError, read_checkpoint, save_weights
 CONFIG_NAME = "vq_train"
 STATE_KIND = "vq_train_state"
 FINAL_LOSS_WINDOW = 50  # "final" losses are means over the last steps, not one noisy batch
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def report_path(out: str | os.PathLike) -> Path:
