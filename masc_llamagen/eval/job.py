@@ -24,12 +24,12 @@ from omegaconf import MISSING
 from masc_llamagen.errors import ConfigError
 from masc_llamagen.eval.metrics import (
     EvalError,
-    compute_metrics,
     default_output_path,
     folder_images,
     sample_sidecar_paths,
     write_metrics_json,
 )
+from masc_llamagen.eval.model_eval import evaluate_model
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
 PROTOCOLS = ("default", "coco30k")
@@ -62,6 +62,7 @@ class EvalJob:
     ref_root: str | None = None  # dataset root for a dataset-name reference
     inception_score: bool = False  # also IS: needs weights with a logits layer (the offline conversion has none)
     num_samples: int = 10000  # images to sample when generated is a checkpoint (50000 for the standard protocol)
+    heldout: int = 0  # checkpoint, c2i: also the held-out likelihood of the first N held-out images' codes
     cfg_scale: float | None = None  # CFG scale for checkpoint sampling; null: the run's
     clip_weights: str | None = None  # coco30k: OpenAI CLIP ViT-B/32 weights (ViT-B-32.pt or open_clip state dict)
     num_workers: int | None = None  # coco30k: image-decoding processes; null: min(8, CPUs)
@@ -95,6 +96,30 @@ def sample_checkpoint(checkpoint: Path, job: EvalJob) -> Path:
                                         batch_size=job.batch_size, png=False))["npz"])
     except CheckpointError as e:
         raise EvalError(str(e)) from None
+
+
+def heldout_likelihood(checkpoint: Path, job: EvalJob) -> dict:
+    """The checkpoint's held-out likelihood on its run's dataset (EMA weights, the run's member decoder)."""
+    from masc_llamagen.checkpoint import load_for_sampling
+    from masc_llamagen.eval.model_eval import HeldoutCodes
+    from masc_llamagen.utils.devices import pick_device
+    from masc_llamagen.weights import CheckpointError
+
+    try:
+        loaded = load_for_sampling(checkpoint)
+    except CheckpointError as e:
+        raise EvalError(str(e)) from None
+    data, head = loaded.config.get("data", {}), loaded.config.get("head", {})
+    if loaded.model_config.model_type != "c2i" or not data.get("name"):
+        raise ConfigError("heldout=N is for class-conditional checkpoints that record their dataset; drop it")
+    device = pick_device(job.device)
+    from masc_llamagen.eval.inception import cache_root
+
+    cache = cache_root(job.cache_dir) / "heldout"
+    codes = HeldoutCodes.encode(loaded.vq.to(device), data["name"], job.heldout, image_size=data.get("image_size"),
+                                root=data.get("root"), cache_dir=cache)
+    return evaluate_model(loaded.model.to(device), {head.get("decoder", "uniform"): loaded.vocabulary},
+                          heldout=codes)
 
 
 def reference_from_sidecar(generated: Path) -> tuple[str, dict[str, Any]] | None:
@@ -159,8 +184,12 @@ def evaluate(job: EvalJob) -> tuple[dict, Path]:
     if generated.is_file() and generated.suffix.lower() != ".npz" and not is_checkpoint(generated):
         raise EvalError(f"{generated}: not an ADM-style .npz, an image folder or a training checkpoint "
                         f"({', '.join(CHECKPOINT_SUFFIXES)})")
+    heldout = {}
     if is_checkpoint(generated):
+        heldout = heldout_likelihood(generated, job) if job.heldout else {}
         generated = sample_checkpoint(generated, job)
+    elif job.heldout:
+        raise ConfigError("heldout=N scores a checkpoint's held-out likelihood: pass generated=CHECKPOINT, or drop it")
 
     reference, meta = job.reference, {}
     if reference is None:
@@ -170,8 +199,8 @@ def evaluate(job: EvalJob) -> tuple[dict, Path]:
             raise EvalError(f"no reference given and no sidecar with a `dataset` field ({names}); "
                             "pass reference=DATASET|FOLDER|NPZ")
         reference, meta = found
-    result = compute_metrics(
-        str(generated), reference,
+    result = evaluate_model(
+        images=str(generated), reference=reference,
         kid_subset_size=job.kid_subset_size, batch_size=job.batch_size, device=job.device, weights_path=job.weights,
         cache_dir=job.cache_dir, allow_download=job.allow_download, inception_score=job.inception_score,
         reference_split=job.ref_split or meta.get("split") or meta.get("dataset_split") or "train",
@@ -179,4 +208,5 @@ def evaluate(job: EvalJob) -> tuple[dict, Path]:
         reference_root=job.ref_root or meta.get("data_root") or meta.get("dataset_root"),
         feature_layer=job.feature_layer, verbose=not job.quiet,
     )
+    result |= heldout
     return result, write_metrics_json(result, job.out or default_output_path(generated))
