@@ -28,8 +28,8 @@ from masc_llamagen.tokenizer.losses import (
 from masc_llamagen.tokenizer.metrics import codebook_stats, psnr, ssim
 from masc_llamagen.tokenizer.reseed import reseed_dead_codes
 from masc_llamagen.tokenizer.vq import VectorQuantizer, VQModel
-from masc_llamagen.train.tokenizer import report_path, run_dir_of, train_tokenizer, up_to_date_report
-from masc_llamagen.train.tokenizer_config import build_vq_config, config_record, resolve_config
+from masc_llamagen.train.tokenizer import report_path, train_tokenizer, up_to_date_report
+from masc_llamagen.train.tokenizer_config import build_vq_config, config_record, resolve_config, run_dir_of
 from masc_llamagen.weights import load_vq
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -166,6 +167,11 @@ def build_vq_config(vq: Mapping[str, Any]) -> VQConfig:
         return VQConfig.from_dict(d)
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"vq: {str(e).strip(chr(39))}") from None
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """Where the run's state, metrics and logger files go: ``run_dir``, else ``out`` without suffix plus ``.run``."""
+    return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out).with_suffix(".run")
 
 
 def config_record(cfg: DictConfig) -> dict:
