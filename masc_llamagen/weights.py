@@ -21,11 +21,14 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from masc_llamagen.errors import MascError
 from masc_llamagen.utils.io import atomic_open
 from masc_llamagen.utils.provenance import codebook_sha256
+
+CODEBOOK_KEY = "quantize.embedding.weight"  # where a VQ tokenizer's state dict keeps its codebook
 
 
 class CheckpointError(MascError, ValueError):
@@ -53,8 +56,11 @@ def _describe_load_failure(path: Path, e: Exception) -> str:
     return "not a PyTorch checkpoint (neither a torch.save file nor safetensors); check the path"
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Return the raw content of a weights file as a dict, refusing anything that is not plain data."""
+def read_checkpoint(path: str | os.PathLike, bare_tensor: bool = False) -> dict[str, Any] | torch.Tensor:
+    """Return the raw content of a weights file as a dict, refusing anything that is not plain data.
+
+    ``bare_tensor``: also accept a .pt file holding one tensor (a codebook saved alone), returned as is.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (check the path, or download the weights first)")
@@ -78,6 +84,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file (a text file: KeyError)
         raise CheckpointError(f"{path}: {_describe_load_failure(path, e)}") from None
+    if bare_tensor and isinstance(obj, torch.Tensor):
+        return obj
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return dict(obj)
@@ -240,7 +248,20 @@ def _describe(cfg: Any, keys: tuple[str, ...]) -> str:
     return "(" + ", ".join(f"{k}={d[k]}" for k in keys if k in d) + ")"
 
 
+def vq_codebook(vq: torch.nn.Module) -> np.ndarray:
+    """A VQ model's codebook as float32 on the CPU (a copy: training the model later does not change it)."""
+    return vq.quantize.embedding.weight.detach().to("cpu", torch.float32).numpy().copy()
+
+
+def read_codebook(path: str | os.PathLike) -> np.ndarray:
+    """The float32 codebook of a VQ checkpoint file, without building the model (any format read_checkpoint reads)."""
+    sd, _ = read_state_dict(path)
+    if CODEBOOK_KEY not in sd:
+        raise CheckpointError(f"{path} has no {CODEBOOK_KEY}; is it a VQ tokenizer?")
+    return sd[CODEBOOK_KEY].to(torch.float32).numpy()
+
+
 def tokenizer_fingerprint(vq: torch.nn.Module) -> str:
     """sha256 of a VQ model's raw codebook (float32 bytes): codes, trees and checkpoints record it, so what one
     tokenizer made is never read with another."""
-    return codebook_sha256(vq.quantize.embedding.weight.detach().to("cpu", torch.float32).numpy())
+    return codebook_sha256(vq_codebook(vq))

@@ -32,6 +32,7 @@ from masc_llamagen.data import (
     save_codes,
     variant_plan,
 )
+from masc_llamagen.data.codes import write_split
 from masc_llamagen.data.extract import _Views
 from masc_llamagen.data.images import FASHION_MNIST_DEBIAN_ROOT
 from masc_llamagen.tokenizer import build_vq
@@ -364,3 +365,23 @@ def test_code_dataset_rejects_bad_codes(code_dir, tmp_path):
         CodeDataset(path)
     with pytest.raises(FileNotFoundError, match="extract"):
         CodeDataset(tmp_path / "nothing")
+
+
+def test_write_split_streamed_blocks_give_the_whole_array_files(code_dir, tmp_path):
+    """Extraction streams its chunks through write_split: the files must be those of the whole array (save_codes)."""
+    path, codes, labels = code_dir
+    meta = read_meta(path)
+    out = write_split(tmp_path / "streamed", (codes[s : s + 7] for s in range(0, 50, 7)), labels, meta)
+    for f in ("codes.npy", "labels.npy", "meta.json"):
+        assert (out / f).read_bytes() == (path / f).read_bytes(), f
+    with pytest.raises(CodeFormatError, match="30 images of codes"):
+        write_split(tmp_path / "short", [codes[:30]], labels, meta)
+    with pytest.raises(CodeFormatError, match="does not fit"):
+        write_split(tmp_path / "narrow", [codes[:, :2]], labels, meta)
+    wrapped = codes.copy()
+    wrapped[33, 1, 2] = 65536 + 5  # the int16 cast would turn it into 5, a valid index
+    with pytest.raises(CodeFormatError, match="image 33"):
+        write_split(tmp_path / "wrap", (wrapped[s : s + 7] for s in range(0, 50, 7)), labels, meta)
+    with pytest.raises(CodeFormatError, match="image 33"):
+        save_codes(tmp_path / "wrap", wrapped, labels, codebook_size=100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes", "streamed"]  # no half-written split left

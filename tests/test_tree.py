@@ -304,6 +304,41 @@ def test_codebook_sources(tmp_path):
     assert vq.shape == (64, 8) and vq.dtype == np.float32
 
 
+def test_one_codebook_reader_for_checkpoints_models_and_tree_files(tmp_path):
+    import hashlib
+
+    from safetensors.numpy import load_file
+
+    from masc_llamagen.tokenizer import build_vq
+    from masc_llamagen.weights import (
+        CODEBOOK_KEY,
+        CheckpointError,
+        read_codebook,
+        save_weights,
+        tokenizer_fingerprint,
+        vq_codebook,
+    )
+
+    stored = load_file(VQ_FIXTURE)[CODEBOOK_KEY].astype(np.float32)  # float16 in the file, read without our code
+    assert np.array_equal(read_codebook(VQ_FIXTURE), stored) and read_codebook(VQ_FIXTURE).dtype == np.float32
+    assert np.array_equal(CLI.load_codebook(VQ_FIXTURE), stored)
+    torch.manual_seed(0)
+    vq = build_vq("VQ-tiny")
+    save_weights(tmp_path / "vq.safetensors", vq, vq.config.to_dict(), "vq")
+    cb = vq_codebook(vq)
+    weight = vq.quantize.embedding.weight.detach().numpy().copy()
+    assert cb.dtype == np.float32 and np.array_equal(cb, weight)
+    assert np.array_equal(read_codebook(tmp_path / "vq.safetensors"), cb)
+    assert tokenizer_fingerprint(vq) == hashlib.sha256(weight.tobytes()).hexdigest() == T.codebook_sha256(cb)
+    with torch.no_grad():
+        vq.quantize.embedding.weight.add_(1.0)
+    assert np.array_equal(cb, weight)  # a copy: later training does not move a recorded codebook
+    torch.save({"w": torch.zeros(3, 2)}, tmp_path / "gpt.pt")
+    with pytest.raises(CheckpointError, match=f"has no {CODEBOOK_KEY}; is it a VQ tokenizer") as e:
+        read_codebook(tmp_path / "gpt.pt")
+    assert "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------- baselines
 
 

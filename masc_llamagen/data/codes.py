@@ -14,14 +14,15 @@ A text-to-image split (``meta["task"] == "t2i"``) adds, per stored item, in the 
   ``labels[i]``, the key for the caption's text features; ``j`` the item's index in the source dataset);
 * ``valid.npy``: bool ``(num_images,)``, False where the source image could not be read (its codes encode a blank).
 
-The directory is written under a temporary name and renamed into place, so a reader never sees half a split.
+:func:`write_split` is the one writer of this layout: it writes the directory under a temporary name and renames it
+into place, so a reader never sees half a split.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,16 +86,13 @@ def make_meta(
     return meta
 
 
-def write_meta(directory: Path, meta: Mapping[str, Any]) -> None:
+def _write_meta(directory: Path, meta: Mapping[str, Any]) -> None:
     with open(directory / META_FILE, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2, sort_keys=False)
         f.write("\n")
 
 
-def write_captions(
-    directory: Path, captions: Sequence[str], source_index: Sequence[int] | np.ndarray | None = None,
-) -> None:
-    """``captions.jsonl``: one ``{"index", "source_index", "caption"}`` object per stored item (data only)."""
+def _write_captions(directory: Path, captions: Sequence[str], source_index: Sequence[int] | np.ndarray | None) -> None:
     src = range(len(captions)) if source_index is None else [int(j) for j in source_index]
     if len(src) != len(captions):
         raise CodeFormatError(f"{len(src)} source indices for {len(captions)} captions")
@@ -124,8 +122,11 @@ def read_captions(path: str | os.PathLike) -> list[str]:
     return out
 
 
-def check_code_range(codes: np.ndarray, codebook_size: int, where: str = "codes") -> None:
-    """Scan in blocks (a memory map is never loaded whole) and refuse any index outside [0, codebook_size)."""
+def check_code_range(codes: np.ndarray, codebook_size: int, where: str = "codes", start: int = 0) -> None:
+    """Scan in blocks (a memory map is never loaded whole) and refuse any index outside [0, codebook_size).
+
+    ``start``: the split index of ``codes[0]``, so a block of a larger split is reported by its images' indices.
+    """
     for s in range(0, codes.shape[0], _SCAN_ROWS):
         block = np.asarray(codes[s : s + _SCAN_ROWS])
         if block.size == 0:
@@ -134,9 +135,64 @@ def check_code_range(codes: np.ndarray, codebook_size: int, where: str = "codes"
         if lo < 0 or hi >= codebook_size:
             bad = int(np.argmax(((block < 0) | (block >= codebook_size)).reshape(block.shape[0], -1).any(1)))
             raise CodeFormatError(
-                f"{where}: code indices must be in [0, {codebook_size}) but image {s + bad} has values in "
+                f"{where}: code indices must be in [0, {codebook_size}) but image {start + s + bad} has values in "
                 f"[{lo}, {hi}] in its block; the codes were made with another tokenizer or are corrupt"
             )
+
+
+def write_split(
+    path: str | os.PathLike, codes: np.ndarray | Iterable[np.ndarray], labels: np.ndarray, meta: Mapping[str, Any],
+    *, captions: Sequence[str] | None = None, source_index: Sequence[int] | np.ndarray | None = None,
+    valid: np.ndarray | Sequence[bool] | None = None, overwrite: bool = False,
+) -> Path:
+    """Check and write one split directory atomically: the only code that knows its file names and dtypes.
+
+    ``codes`` is the ``(count, variants, h * w)`` array or consecutive blocks of it, streamed into the file one at a
+    time, so extraction never holds a whole ImageNet split in memory. ``meta`` comes from :func:`make_meta`.
+    ``captions`` (one per image, ``source_index`` their dataset indices) makes it a t2i split: labels must be
+    ``arange(count)``, ``valid`` defaults to all True, and ``task``/``num_invalid`` are added to the meta.
+    """
+    path, meta, labels = Path(path), dict(meta), np.asarray(labels)
+    n, cbs = int(meta["count"]), int(meta["codebook_size"])
+    if captions is not None:
+        captions = list(captions)
+        valid = np.ones(n, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+        if len(captions) != n or valid.shape != (n,):
+            raise CodeFormatError(f"{len(captions)} captions and {valid.shape} valid flags for {n} images")
+        if not np.array_equal(labels, np.arange(n)) or meta["num_classes"] != n:
+            raise CodeFormatError("a t2i split's labels are the item positions arange(N) (num_classes=N); pass "
+                                  "labels=np.arange(N)")
+        meta.update(task="t2i", num_invalid=int((~valid).sum()))
+    elif valid is not None:
+        raise CodeFormatError("valid flags belong to a t2i split; pass captions=... with them")
+    if isinstance(codes, np.ndarray):
+        validate_arrays(codes, labels, meta, where=str(path))
+        codes = [codes[s : s + _SCAN_ROWS] for s in range(0, n, _SCAN_ROWS)]  # views, not copies
+    h, w = meta["grid"]
+    shape = (n, int(meta["num_variants"]), h * w)
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        out = np.lib.format.open_memmap(tmp / CODES_FILE, mode="w+", dtype=code_dtype(cbs), shape=shape)
+        filled = 0
+        for block in codes:
+            if block.shape[1:] != shape[1:] or filled + block.shape[0] > n:
+                raise CodeFormatError(f"{path}: a block of codes shaped {tuple(block.shape)} at image {filled} does "
+                                      f"not fit (count, variants, h*w) = {shape}")
+            if not np.issubdtype(block.dtype, np.integer):
+                raise CodeFormatError(f"{path}: codes must be integers, got {block.dtype}")
+            check_code_range(block, cbs, where=str(path), start=filled)  # before the cast could wrap a value
+            out[filled : filled + block.shape[0]] = block
+            filled += block.shape[0]
+        if filled != n:
+            raise CodeFormatError(f"{path}: {filled} images of codes for a split of count {n}")
+        out.flush()
+        validate_arrays(out, labels, meta, where=str(path))
+        del out
+        np.save(tmp / LABELS_FILE, labels.astype(np.int64, copy=False))
+        if captions is not None:
+            _write_captions(tmp, captions, source_index)
+            np.save(tmp / VALID_FILE, valid)
+        _write_meta(tmp, meta)
+    return path
 
 
 def save_codes(
@@ -148,8 +204,8 @@ def save_codes(
 ) -> Path:
     """Pack in-memory codes ``(N, V, L)``, ``(N, L)`` or ``(N, V, h, w)`` into a split directory, atomically.
 
-    ``captions`` (one per image) makes it a t2i split: labels must then be ``arange(N)``, ``valid`` defaults to
-    all True, and ``meta["task"] = "t2i"``.
+    ``captions`` (one per image) makes it a t2i split: labels must then be ``arange(N)`` and ``valid`` defaults to
+    all True (see :func:`write_split`).
     """
     codes = codes.numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
     labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
@@ -165,38 +221,15 @@ def save_codes(
         if side * side != codes.shape[2]:
             raise CodeFormatError(f"cannot infer a square grid from {codes.shape[2]} tokens; pass grid=(h, w)")
         grid = (side, side)
-    if labels.shape != (codes.shape[0],):
-        raise CodeFormatError(f"labels shape {labels.shape} does not match {codes.shape[0]} images")
-    if not np.issubdtype(codes.dtype, np.integer):
-        raise CodeFormatError(f"codes must be integers, got {codes.dtype}")
-    check_code_range(codes, codebook_size)
-    extra = None
     if captions is not None:
-        captions = list(captions)
-        valid = np.ones(codes.shape[0], dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
-        if len(captions) != codes.shape[0] or valid.shape != (codes.shape[0],):
-            raise CodeFormatError(f"{len(captions)} captions and {valid.shape} valid flags for {codes.shape[0]} images")
-        if not np.array_equal(labels, np.arange(codes.shape[0])):
-            raise CodeFormatError("a t2i split's labels are the item positions arange(N); pass labels=np.arange(N)")
         num_classes = codes.shape[0]
-        extra = {"task": "t2i", "num_invalid": int((~valid).sum())}
-    elif valid is not None:
-        raise CodeFormatError("valid flags belong to a t2i split; pass captions=... with them")
     ncls = int(num_classes) if num_classes is not None else int(labels.max()) + 1
     meta = make_meta(
         codebook_size=codebook_size, grid=grid, count=codes.shape[0],
         variants=normalize_variants(variants, codes.shape[1]), num_classes=ncls,
-        tokenizer=tokenizer, dataset=dataset, extra=extra,
+        tokenizer=tokenizer, dataset=dataset,
     )
-    validate_arrays(codes, labels, meta, where=str(path))
-    with atomic_directory(path) as tmp:
-        np.save(tmp / CODES_FILE, codes.astype(code_dtype(codebook_size), copy=False))
-        np.save(tmp / LABELS_FILE, labels.astype(np.int64, copy=False))
-        if captions is not None:
-            write_captions(tmp, captions)
-            np.save(tmp / VALID_FILE, valid)
-        write_meta(tmp, meta)
-    return Path(path)
+    return write_split(path, codes, labels, meta, captions=captions, valid=valid)
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -42,21 +42,11 @@ from masc_llamagen.data.captions import (
     canonical_caption_name,
     is_caption_dataset,
 )
-from masc_llamagen.data.codes import (
-    CODES_FILE,
-    LABELS_FILE,
-    META_FILE,
-    VALID_FILE,
-    code_dtype,
-    make_meta,
-    read_meta,
-    write_captions,
-    write_meta,
-)
+from masc_llamagen.data.codes import META_FILE, VALID_FILE, code_dtype, make_meta, read_meta, write_split
 from masc_llamagen.data.images import ImageFolderDataset, build_image_dataset, center_crop_pil, pil_to_tensor
 from masc_llamagen.text.store import captions_sha256
 from masc_llamagen.utils.devices import pick_device
-from masc_llamagen.utils.io import atomic_directory, atomic_savez, atomic_write_json
+from masc_llamagen.utils.io import atomic_savez, atomic_write_json
 from masc_llamagen.weights import tokenizer_fingerprint
 
 DEFAULT_CROP_RANGES = (1.1, 1.05)  # LlamaGen's two extraction passes
@@ -323,7 +313,7 @@ def extract_codes(
             "config": vq.config.to_dict() if hasattr(vq.config, "to_dict") else None,
         }
         dataset_meta = dict(dataset_desc, root=str(getattr(base, "root", None)))
-        _pack(work, out_dir, n, n_chunks, chunk_size, plan, seq_len, dtype, grid, codebook_size, base, tokenizer,
+        _pack(work, out_dir, n, n_chunks, chunk_size, plan, seq_len, grid, codebook_size, base, tokenizer,
               dataset_meta, {"job": job, "crop_ranges": [float(r) for r in crop_ranges] if plan[0]["crop_range"]
                              else None})
         if not keep_chunks:
@@ -372,52 +362,53 @@ def _encode_chunks(
 
 def _pack(
     work: Path, out_dir: Path, n: int, n_chunks: int, chunk_size: int, plan: list[dict], seq_len: int,
-    dtype: np.dtype, grid: tuple[int, int], codebook_size: int, base: Dataset, tokenizer: dict, dataset_meta: dict,
-    extraction: dict,
+    grid: tuple[int, int], codebook_size: int, base: Dataset, tokenizer: dict, dataset_meta: dict, extraction: dict,
 ) -> None:
+    """Join the chunk files into the split (codes.write_split), streaming the codes chunk by chunk."""
     missing = [k for k in range(n_chunks) if not (work / _chunk_name(k)).is_file()]
     if missing:
         raise RuntimeError(f"{work}: chunks {missing[:8]} missing after encoding; did a process fail? rerun to resume")
-    with atomic_directory(out_dir, overwrite=True) as tmp:
-        codes = np.lib.format.open_memmap(tmp / CODES_FILE, mode="w+", dtype=dtype, shape=(n, len(plan), seq_len))
-        labels = np.empty(n, dtype=np.int64)
-        t2i = is_caption_dataset(base)
-        valid = np.ones(n, dtype=bool) if t2i else None
-        for k in range(n_chunks):
-            lo, hi = k * chunk_size, min(n, (k + 1) * chunk_size)
-            with np.load(work / _chunk_name(k)) as part:
-                c, y = part["codes"], part["labels"]
-                ok = part["valid"] if "valid" in part.files else None
-            if c.shape != (hi - lo, len(plan), seq_len) or y.shape != (hi - lo,):
-                raise RuntimeError(f"{work / _chunk_name(k)} has shape {c.shape}; delete it and rerun to resume")
-            if t2i and (ok is None or ok.shape != (hi - lo,)):
-                raise RuntimeError(f"{work / _chunk_name(k)} has no per-item valid flags; delete it and rerun")
-            codes[lo:hi] = c
-            labels[lo:hi] = y
-            if t2i:
-                valid[lo:hi] = ok
-        codes.flush()
-        del codes
-        extra: dict[str, Any] = {"extraction": extraction}
+    t2i = is_caption_dataset(base)
+    labels = np.empty(n, dtype=np.int64)
+    valid = np.ones(n, dtype=bool) if t2i else None
+    for k in range(n_chunks):  # the small arrays first; an npz member is read only when asked for
+        lo, hi = k * chunk_size, min(n, (k + 1) * chunk_size)
+        with np.load(work / _chunk_name(k)) as part:
+            y = part["labels"]
+            ok = part["valid"] if "valid" in part.files else None
+        if y.shape != (hi - lo,):
+            raise RuntimeError(f"{work / _chunk_name(k)} has {y.shape} labels; delete it and rerun to resume")
+        if t2i and (ok is None or ok.shape != (hi - lo,)):
+            raise RuntimeError(f"{work / _chunk_name(k)} has no per-item valid flags; delete it and rerun")
+        labels[lo:hi] = y
         if t2i:
-            # chunks hold base item indices; store positions so caption features are looked up by label
-            source = labels.copy()
-            labels = np.arange(n, dtype=np.int64)
-            write_captions(tmp, [base.captions[int(j)] for j in source], source_index=source)
-            np.save(tmp / VALID_FILE, valid)
-            bad = int((~valid).sum())
-            extra.update(task=TASK, num_invalid=bad)
-            if bad:
-                first = getattr(base, "paths", None)
-                where = f" (first: {first[int(source[~valid][0])]})" if first is not None else ""
-                print(f"warning: {bad} of {n} images could not be read{where}; they are blank and marked invalid "
-                      f"in {out_dir / VALID_FILE}", file=sys.stderr, flush=True)
-        np.save(tmp / LABELS_FILE, labels)
-        classes = None if t2i else getattr(base, "classes", None)
-        num_classes = n if t2i else (
-            getattr(base, "num_classes", None) or (len(classes) if classes else int(labels.max()) + 1))
-        meta = make_meta(
-            codebook_size=codebook_size, grid=grid, count=n, variants=plan, num_classes=num_classes,
-            classes=classes, tokenizer=tokenizer, dataset=dataset_meta, extra=extra,
-        )
-        write_meta(tmp, meta)
+            valid[lo:hi] = ok
+
+    def chunk_codes():
+        for k in range(n_chunks):
+            with np.load(work / _chunk_name(k)) as part:
+                c = part["codes"]
+            if c.shape != (min(n, (k + 1) * chunk_size) - k * chunk_size, len(plan), seq_len):
+                raise RuntimeError(f"{work / _chunk_name(k)} has shape {c.shape}; delete it and rerun to resume")
+            yield c
+
+    captions = source = None
+    if t2i:
+        # chunks hold base item indices; store positions so caption features are looked up by label
+        source, labels = labels, np.arange(n, dtype=np.int64)
+        captions = [base.captions[int(j)] for j in source]
+        bad = int((~valid).sum())
+        if bad:
+            first = getattr(base, "paths", None)
+            where = f" (first: {first[int(source[~valid][0])]})" if first is not None else ""
+            print(f"warning: {bad} of {n} images could not be read{where}; they are blank and marked invalid "
+                  f"in {out_dir / VALID_FILE}", file=sys.stderr, flush=True)
+    classes = None if t2i else getattr(base, "classes", None)
+    num_classes = n if t2i else (
+        getattr(base, "num_classes", None) or (len(classes) if classes else int(labels.max()) + 1))
+    meta = make_meta(
+        codebook_size=codebook_size, grid=grid, count=n, variants=plan, num_classes=num_classes,
+        classes=classes, tokenizer=tokenizer, dataset=dataset_meta, extra={"extraction": extraction},
+    )
+    write_split(out_dir, chunk_codes(), labels, meta, captions=captions, source_index=source, valid=valid,
+                overwrite=True)

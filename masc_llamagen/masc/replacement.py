@@ -74,10 +74,10 @@ def compare(tokenizer: str, k: int, methods: list[str], dataset: str = "fashion_
             seed: int = 0, tokenizer_arch: str | None = None) -> dict:
     """Every method's mapping of the tokenizer's codebook at k, scored on the dataset's held-out images."""
     from masc_llamagen.data.images import build_image_dataset, heldout_split
-    from masc_llamagen.weights import load_vq
+    from masc_llamagen.weights import load_vq, vq_codebook
 
     vq = load_vq(tokenizer, tokenizer_arch)
-    codebook = vq.quantize.embedding.weight.detach().float().numpy()
+    codebook = vq_codebook(vq)
     ds = build_image_dataset(dataset, heldout_split(dataset))
     images = torch.stack([ds[i][0] for i in range(min(n_images, len(ds)))])
     out = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,7 +26,6 @@ from masc_llamagen.masc.linkage import TreeError, as_codebook
 from masc_llamagen.masc.members import size_summary
 from masc_llamagen.masc.tree import Cut, Tree, build_tree, load_tree, save_mapping, verify_fingerprint
 
-CODEBOOK_KEY = "quantize.embedding.weight"
 ACTIONS = {"build": ("codebook", "tree"), "cut": ("tree", "k", "mapping"), "stats": ("tree", "k")}
 OPTIONAL = {"build": (), "cut": ("codebook",), "stats": ("png",)}
 
@@ -56,14 +54,15 @@ ConfigStore.instance().store(name="masc_tree", node={
 # ----------------------------------------------------------------------------------------------- codebooks
 
 
-def _pick_codebook(tensors: Mapping[str, Any], path: Path) -> Any:
-    if CODEBOOK_KEY in tensors:
-        return tensors[CODEBOOK_KEY]
+def _pick_codebook(tensors: Mapping[str, Any], path: Path, key: str) -> Any:
+    """The VQ codebook entry, else the file's only 2-D tensor (a codebook saved under another name)."""
+    if key in tensors:
+        return tensors[key]
     two_d = [k for k, v in tensors.items() if getattr(v, "ndim", 0) == 2]
     if len(two_d) == 1:
         return tensors[two_d[0]]
     listed = ", ".join(two_d[:6]) + (", ..." if len(two_d) > 6 else "")
-    raise TreeError(f"{path}: no '{CODEBOOK_KEY}' and {len(two_d)} 2-D tensors ({listed or 'none'}); "
+    raise TreeError(f"{path}: no '{key}' and {len(two_d)} 2-D tensors ({listed or 'none'}); "
                     "save the codebook alone as a .npy or a .pt holding one (N, d) tensor")
 
 
@@ -79,29 +78,15 @@ def load_codebook(path: str | os.PathLike) -> np.ndarray:
             raise TreeError(f"{p}: not a readable .npy array ({first_line(e)}); re-save it with numpy.save") from None
         return as_codebook(arr, source=str(p))
     # torch only here, so cutting a tree or reading its stats does not load it
-    from masc_llamagen.weights import CheckpointError, extract_state_dict, read_checkpoint
-
-    if p.suffix == ".safetensors":
-        try:
-            return as_codebook(_pick_codebook(extract_state_dict(read_checkpoint(p)), p), source=str(p))
-        except CheckpointError as e:
-            raise TreeError(str(e)) from None
-    import pickle
-
-    import torch
+    from masc_llamagen.weights import CODEBOOK_KEY, CheckpointError, extract_state_dict, read_checkpoint
 
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise TreeError(f"{p}: refused to unpickle arbitrary objects ({first_line(e, 160)}); "
-                        "save the codebook as a plain tensor, state dict or .npy") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise TreeError(f"{p}: cannot read ({first_line(e, 160)}); the file is truncated or corrupt") from None
-    if isinstance(obj, torch.Tensor):
-        return as_codebook(obj, source=str(p))
+        obj = read_checkpoint(p, bare_tensor=True)
+    except CheckpointError as e:
+        raise TreeError(str(e)) from None
     if isinstance(obj, Mapping):
-        return as_codebook(_pick_codebook(extract_state_dict(obj), p), source=str(p))
-    raise TreeError(f"{p}: holds a {type(obj).__name__}, not a tensor or a state dict; save the (N, d) codebook")
+        obj = _pick_codebook(extract_state_dict(obj), p, CODEBOOK_KEY)
+    return as_codebook(obj, source=str(p))
 
 
 # ---------------------------------------------------------------------------------------------- stats

@@ -28,7 +28,7 @@ from masc_llamagen.train.optim import build_optimizer, build_scheduler
 from masc_llamagen.train.run_info import write_run_info
 from masc_llamagen.train.state import Run
 from masc_llamagen.train.throughput import flops_per_token, peak_flops
-from masc_llamagen.weights import CheckpointError, read_state_dict
+from masc_llamagen.weights import read_codebook
 
 
 def accelerator(cfg: DictConfig) -> Accelerator:
@@ -56,10 +56,7 @@ def load_codes(cfg: DictConfig):
 
 
 def tokenizer_codebook(cfg: DictConfig) -> np.ndarray:
-    sd, _ = read_state_dict(cfg.tokenizer.checkpoint)
-    if "quantize.embedding.weight" not in sd:
-        raise CheckpointError(f"{cfg.tokenizer.checkpoint} has no quantize.embedding.weight; is it a VQ tokenizer?")
-    return sd["quantize.embedding.weight"].float().numpy()
+    return read_codebook(cfg.tokenizer.checkpoint)
 
 
 def check_codes_match_tokenizer(cfg: DictConfig, codes, codebook: np.ndarray) -> TokenizerRecord:
