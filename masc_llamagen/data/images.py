@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import make_dataset
 
 from masc_llamagen.errors import MascError
 from masc_llamagen.utils.images import from_uint8, to_uint8_numpy
@@ -199,6 +200,11 @@ def _resize_grey(images: np.ndarray, size: int, batch: int = 4096) -> np.ndarray
 # ImageFolder (ImageNet layout)
 
 
+def _is_image_file(path: str) -> bool:
+    name = os.path.basename(path)
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
 class ImageFolderDataset(Dataset):
     """``root/<class>/**/<image>``: class folders sorted by name give label ids (ImageNet's synset order).
 
@@ -226,13 +232,9 @@ class ImageFolderDataset(Dataset):
             )
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.samples: list[tuple[Path, int]] = []
-        for c in self.classes:
-            files = sorted(
-                p for p in (self.root / c).rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
-            )
-            self.samples.extend((p, self.class_to_idx[c]) for p in files)
+        found = (make_dataset(self.root, self.class_to_idx, is_valid_file=_is_image_file, allow_empty=True)
+                 if self.classes else [])  # torchvision's scan: a sorted walk, symlinks followed
+        self.samples = [(Path(p), y) for p, y in found]
         if not self.samples:
             raise DatasetNotFoundError(
                 f"image folder {self.root} holds no images in class sub-folders ({len(self.classes)} sub-folders, "
