@@ -233,6 +233,7 @@ def test_inception_score_refused_without_logits(env, tmp_path):
                         inception_score=True, device="cpu")
 
 
+@pytest.mark.slow  # a subprocess: the slow tier
 def test_cli_checkpoint_exits_1_with_message(tmp_path, capsys):
     ckpt = tmp_path / "last.pt"
     torch.save({"model": {}}, ckpt)

@@ -84,6 +84,7 @@ def test_checkpoint_paths_that_cannot_work_are_refused(tmp_path):
         validate(_cfg(f"checkpoint={tmp_path / 'x.pt'}", f"vq_checkpoint={tmp_path / 'vq.pt'}"))
 
 
+@pytest.mark.slow  # a subprocess: the slow tier
 @pytest.mark.parametrize("case", ["text file", "not a training checkpoint"])
 def test_cli_prints_one_error_line_and_no_traceback(ckpt, tmp_path, case):
     if case == "text file":

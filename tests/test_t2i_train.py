@@ -149,6 +149,7 @@ def test_extraction_cli_writes_the_store_training_reads(tmp_path, t2i_assets, ca
         extract(ExtractConfig(out=str(tmp_path / "x")))
 
 
+@pytest.mark.slow  # a subprocess: the slow tier
 def test_extraction_cli_reports_a_missing_output_in_one_line():
     import os
     import subprocess

@@ -263,6 +263,7 @@ def test_two_processes_train_what_one_does(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)  # gradients averaged in another order only
 
 
+@pytest.mark.slow  # a subprocess: the slow tier
 @needs_fashion
 def test_cli_reports_up_to_date(trained):
     cfg, _ = trained
@@ -364,6 +365,7 @@ def test_bad_config_is_one_config_error(bad, names, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # a subprocess: the slow tier
 def test_cli_bad_value_is_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "masc_llamagen.train.tokenizer", "steps=0", "logger.kind=none",
                           f"out={tmp_path / 'x.safetensors'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -411,6 +413,7 @@ def test_hydra_config_composes():
         resolve_config(appended)
 
 
+@pytest.mark.slow  # a subprocess: the slow tier
 def test_tokenizer_package_does_not_import_eval():
     """eval sits above the tokenizer: rFID comes in as a callable, so importing the trainer loads no eval module."""
     code = ("import sys, masc_llamagen.train.tokenizer; "
