@@ -25,8 +25,9 @@ def to_uint8_numpy(x: torch.Tensor) -> np.ndarray:
 
 def from_uint8(u: np.ndarray | torch.Tensor) -> torch.Tensor:
     """``(..., H, W, C)`` uint8 -> ``(..., C, H, W)`` float32 in [-1, 1] (``u / 127.5 - 1``)."""
-    t = torch.from_numpy(np.ascontiguousarray(u)) if isinstance(u, np.ndarray) else u
-    return t.movedim(-1, -3).float().div(127.5).sub(1.0)
+    if isinstance(u, np.ndarray):  # a read-only buffer (a PIL image's) is copied: torch cannot share it safely
+        u = torch.from_numpy(np.ascontiguousarray(u) if u.flags.writeable else np.array(u))
+    return u.movedim(-1, -3).float().div(127.5).sub(1.0)
 
 
 def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int = 8) -> Path:
