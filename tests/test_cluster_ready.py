@@ -183,7 +183,7 @@ def test_fid_curve_and_acceleration_continue_after_resume(tmp_path, assets, monk
     monkeypatch.setattr(evaluate.TrainingSampler, "fid", fake_fid)
     baseline = tmp_path / "baseline.jsonl"
     baseline.write_text("\n".join(json.dumps({"step": s, "eval/fid": f}) for s, f in [(2, 60.0), (6, 12.0)]))
-    over = [*BASE, "train.steps=6", "train.eval_every=2", f"train.baseline_curve={baseline}"]
+    over = [*BASE, "train.steps=6", "train.eval_every=2", "train.eval_heldout=0", f"train.baseline_curve={baseline}"]
     train(compose_cfg(tmp_path, assets, [*over, "train.stop_after=4"], run="a"))
     train(compose_cfg(tmp_path, assets, over, run="a"))
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]

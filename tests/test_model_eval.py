@@ -90,3 +90,15 @@ def test_heldout_on_samples_instead_of_a_checkpoint_is_refused(tmp_path):
     np.savez(npz, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(ConfigError, match="heldout=N scores a checkpoint"):
         evaluate(EvalJob(generated=str(npz), reference=str(npz), heldout=4))
+
+
+def test_training_with_heldout_eval_on_codes_of_fewer_classes_is_refused_before_step_one(tmp_path, heldout_images):
+    from train_utils import compose_cfg
+
+    from masc_llamagen.errors import ConfigError
+    from masc_llamagen.train.loop import train
+
+    cfg = compose_cfg(tmp_path, make_assets(tmp_path, classes=4), ["train.steps=2", "train.eval_every=1"])
+    with pytest.raises(ConfigError, match="held-out images have 10 classes but the codes .* have 4"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()

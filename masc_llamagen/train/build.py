@@ -16,7 +16,8 @@ from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
 from masc_llamagen.checkpoint import TokenizerRecord, TrainingCheckpoint
-from masc_llamagen.errors import TrainingError
+from masc_llamagen.data.images import build_image_dataset, heldout_split
+from masc_llamagen.errors import ConfigError, TrainingError
 from masc_llamagen.masc.vocabulary import Vocabulary, vocabulary_from_config
 from masc_llamagen.models.gpt import GPT, TransformerBlock, gpt_config
 from masc_llamagen.train.batches import CaptionCollate, EpochIndexed, EpochIndexedCaptions, StepBatches, collate
@@ -105,6 +106,17 @@ def build_model(cfg: DictConfig, vocab: Vocabulary, grid: int, num_classes: int,
     model = GPT(gcfg)
     model.cls_embedding.dropout_prob = 0.0  # class/caption dropout is drawn in the data pipeline (batches.py)
     return model
+
+
+def check_heldout_classes(cfg: DictConfig, num_classes: int) -> None:
+    """Refuse now, not at the first evaluation hours in: held-out images of more classes than the codes have mean the
+    codes come from another dataset (and the FID reference would be the wrong one too)."""
+    held = build_image_dataset(cfg.data.name, heldout_split(cfg.data.name), image_size=cfg.data.image_size,
+                               root=cfg.data.root)
+    if held.num_classes > num_classes:
+        raise ConfigError(f"{cfg.data.name}'s held-out images have {held.num_classes} classes but the codes "
+                          f"({cfg.data.codes}) have {num_classes}: point data.codes at this dataset's codes, or set "
+                          "train.eval_heldout=0")
 
 
 def load_text_features(cfg: DictConfig, codes):
@@ -207,6 +219,8 @@ def build_run(cfg: DictConfig, acc: Accelerator, run_dir: Path, ck: TrainingChec
     grid = int(np.prod(codes.grid))
     text = load_text_features(cfg, codes) if cfg.model.model_type == "t2i" else None
     model = build_model(cfg, vocab, grid, codes.num_classes, caption_dim=text.dim if text is not None else None)
+    if t.eval_every and t.eval_heldout and cfg.model.model_type == "c2i":
+        check_heldout_classes(cfg, codes.num_classes)
     if cfg.model.class_dropout_prob == 0 and t.sample_cfg_scale > 1 and (t.sample_every or t.eval_every) \
             and acc.is_main_process:
         print("warning: model.class_dropout_prob=0 never trains the null class, so the CFG of sample grids and "
