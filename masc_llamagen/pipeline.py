@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from masc_llamagen.config import register
 from masc_llamagen.errors import ConfigError, TrainingError, user_errors
+from masc_llamagen.train.checkpointing import latest_checkpoint
 from masc_llamagen.utils.io import atomic_write_json
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -131,6 +132,234 @@ def _log(stage: str, msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {stage}: {msg}", flush=True)
 
 
+@dataclass
+class Job:
+    """What every stage of one pipeline run reads: its training config and the ``pipeline.*`` options."""
+
+    cfg: DictConfig
+    samples: int = 1000
+    fid_reference: int = 1000
+    vq_overrides: Sequence[str] | Mapping[str, Any] = ()
+    rfid_images: int = 500
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage run so far (the report shows them)
+
+    @property
+    def artifacts(self) -> Path:
+        return Path(self.cfg.paths.artifacts)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.paths.output_dir)
+
+    @property
+    def t2i(self) -> bool:
+        return self.cfg.model.model_type == "t2i"
+
+
+def stage_tokenizer(job: Job, force_it: bool):
+    """Train the tokenizer (skipped when its report matches the config)."""
+    from masc_llamagen.eval.metrics import compute_metrics
+    from masc_llamagen.train.tokenizer import train_tokenizer
+
+    cfg, t2i, vq_overrides, rfid_images = job.cfg, job.t2i, job.vq_overrides, job.rfid_images
+    data = ({"data": {"name": cfg.data.name, "root": cfg.data.root, "image_size": cfg.data.image_size}}
+            if t2i else {})  # c2i: the tokenizer config's own data (Fashion-MNIST)
+    extra = (OmegaConf.create(dict(vq_overrides)) if isinstance(vq_overrides, Mapping)
+             else OmegaConf.from_dotlist(list(vq_overrides)))
+    vq_cfg = OmegaConf.merge(OmegaConf.create({"out": str(cfg.tokenizer.checkpoint), "force": force_it,
+                                               "rfid_images": rfid_images, **data}), extra)
+    rep = train_tokenizer(vq_cfg, rfid=compute_metrics)  # the report carries rFID, as before the rewrite
+    _log("tokenizer", f"{cfg.tokenizer.checkpoint} (PSNR {rep.get('psnr')}, usage {rep.get('codebook_usage')})")
+    return rep
+
+
+def stage_codes(job: Job, force_it: bool):
+    """Encode the training images into packed codes."""
+    from masc_llamagen.data.extract import extract_codes
+    from masc_llamagen.weights import load_vq
+
+    cfg, t2i = job.cfg, job.t2i
+    out = Path(cfg.data.codes)
+    stamp = Stamp(out, codes_inputs(cfg))
+    if stamp.fresh() and not force_it:
+        _log("codes", f"up to date: {out}")
+        return stamp.summary()
+    vq = load_vq(cfg.tokenizer.checkpoint, cfg.tokenizer.arch)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    spec = {"name": cfg.data.name, "split": "train", "image_size": cfg.data.image_size, "root": cfg.data.root}
+    extract_codes(vq, {**spec, "task": "t2i"} if t2i else spec, out, tokenizer_path=cfg.tokenizer.checkpoint)
+    summary = {"codes": str(out)}
+    stamp.write(summary)
+    return summary
+
+
+def stage_text(job: Job, force_it: bool):
+    """t2i: the training and held-out captions' features."""
+    from masc_llamagen.data.captions import heldout_captions
+    from masc_llamagen.data.codes import CodeDataset
+    from masc_llamagen.text import build_text_encoder, extract_text_features
+
+    cfg = job.cfg
+    enc = build_text_encoder(cfg.text.encoder, cfg.text.path, max_length=cfg.model.cls_token_num or 120)
+    train_captions = CodeDataset(cfg.data.codes).captions
+    held = heldout_captions(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
+    for captions, out in ((train_captions, cfg.text.features), (held, cfg.text.heldout_features)):
+        extract_text_features(enc, captions, out, overwrite=force_it)  # skipped when already done
+    _log("text", f"{len(train_captions)} + {len(held)} captions with {enc.name} -> {cfg.text.features}")
+    return {"encoder": enc.name, "train": len(train_captions), "heldout": len(held)}
+
+
+def stage_tree(job: Job, force_it: bool):
+    """Build (or read from the cache) the head's tree or mapping and report its cluster sizes."""
+    from masc_llamagen.data.codes import CodeDataset
+    from masc_llamagen.masc.members import size_summary
+    from masc_llamagen.masc.vocabulary import vocabulary_from_config
+    from masc_llamagen.train.build import tokenizer_codebook
+
+    cfg, artifacts = job.cfg, job.artifacts
+    codebook = tokenizer_codebook(cfg)
+    voc, info = vocabulary_from_config(cfg.head, codebook, CodeDataset(cfg.data.codes).code_counts(),
+                                       artifacts / "trees")
+    stats = size_summary(voc.sizes().numpy())
+    _log("tree", f"head={voc.name} k={voc.k}: {stats}")
+    return {**info, "sizes": stats}
+
+
+def stage_train(job: Job, force_it: bool):
+    """Train the GPT (a rerun resumes the run directory's last checkpoint)."""
+    from masc_llamagen.train.loop import train
+
+    cfg = job.cfg
+    with open_dict(cfg):
+        cfg.train.resume = not force_it
+    out = train(cfg)
+    return {k: out[k] for k in ("step", "checkpoint", "run_dir")} | {"final_loss": out["losses"][-1]
+                                                                     if out["losses"] else None}
+
+
+def stage_sample(job: Job, force_it: bool):
+    """Sample the last checkpoint: class-balanced for c2i, one image per held-out caption for t2i."""
+    from masc_llamagen.sample import sample
+    from masc_llamagen.sample_config import SampleConfig
+
+    cfg, run_dir, t2i, samples = job.cfg, job.run_dir, job.t2i, job.samples
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise TrainingError(f"no checkpoint in {run_dir}; run the train stage first (add train to pipeline.stages)")
+    out_dir = run_dir / "samples" / "default"
+    stamp = Stamp(out_dir / ("images" if t2i else "samples.npz"),
+                  {"ckpt": _file_id(ckpt), "n": samples, "cfg": cfg.train.sample_cfg_scale})
+    if stamp.fresh() and not force_it:
+        _log("sample", f"up to date: {out_dir}")
+        return stamp.summary()
+    extra = {"png": False}
+    if t2i:  # one image per held-out caption (its images are the FID reference)
+        from masc_llamagen.data.captions import heldout_captions
+
+        prompts = out_dir.parent / "heldout_prompts.txt"
+        prompts.parent.mkdir(parents=True, exist_ok=True)
+        held = heldout_captions(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
+        prompts.write_text("".join(c + "\n" for c in held))
+        extra = {"prompts": str(prompts)}
+    res = sample(SampleConfig(checkpoint=str(ckpt), num_samples=samples, cfg_scale=cfg.train.sample_cfg_scale,
+                              out_dir=str(out_dir), batch_size=100, **extra))
+    summary = {"npz" if not t2i else "images": res.get("npz") or res.get("images"), "checkpoint": str(ckpt),
+               "num_samples": res["num_samples"]}
+    stamp.write(summary)
+    return summary
+
+
+def stage_eval(job: Job, force_it: bool):
+    """Sample quality of the sampled set and (c2i) held-out likelihood of its checkpoint, by the one evaluation
+    that training and the benchmarks use."""
+    from masc_llamagen.checkpoint import load_for_sampling
+    from masc_llamagen.data.images import heldout_split
+    from masc_llamagen.eval.metrics import write_metrics_json
+    from masc_llamagen.eval.model_eval import HeldoutCodes, evaluate_model
+
+    cfg, artifacts, run_dir, t2i, fid_reference = job.cfg, job.artifacts, job.run_dir, job.t2i, job.fid_reference
+    npz = run_dir / "samples" / "default" / ("images" if t2i else "samples.npz")
+    out = npz.with_name("metrics.json")
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise TrainingError(f"no checkpoint in {run_dir}; run the train stage first (add train to pipeline.stages)")
+    heldout_n = 0 if t2i else cfg.train.eval_heldout
+    stamp = Stamp(out, {"npz": _file_id(npz), "ref": fid_reference, "ckpt": _file_id(ckpt),
+                        "heldout": heldout_n})
+    if stamp.fresh() and not force_it:
+        _log("eval", f"up to date: {out}")
+        return json.loads(out.read_text())
+    loaded = load_for_sampling(ckpt, decoder=cfg.head.decoder, smoothing=cfg.head.smoothing)
+    heldout = HeldoutCodes.encode(loaded.vq, cfg.data.name, heldout_n, image_size=cfg.data.image_size,
+                                  cache_dir=artifacts / "heldout") if heldout_n else None
+    m = evaluate_model(loaded.model, {cfg.head.decoder: loaded.vocabulary}, heldout=heldout, images=npz,
+                       reference=cfg.data.name, reference_split=heldout_split(cfg.data.name),
+                       reference_image_size=cfg.data.image_size, reference_limit=fid_reference,
+                       reference_root=cfg.data.root if t2i else None, cache_dir=artifacts / "fid")
+    write_metrics_json(m, out)
+    stamp.write({"metrics": str(out)})
+    nll = f", held-out fine NLL {m['heldout'][f'fine_nll_{cfg.head.decoder}']:.3f} bits" if heldout else ""
+    _log("eval", f"FID {m['fid']:.2f} ({m.get('n_generated')} vs {m.get('n_reference')} images){nll}")
+    return m
+
+
+def stage_report(job: Job, force_it: bool):
+    """The run's markdown report: numbers, curves and sample grids."""
+    from masc_llamagen.report import class_grid, plot_curves, read_metrics, write_report
+
+    cfg, run_dir, t2i = job.cfg, job.run_dir, job.t2i
+    rows = read_metrics(run_dir)
+    images = {}
+    curves = plot_curves(rows, run_dir / "report" / "curves.png")
+    if curves:
+        images["Training curves"] = curves
+    npz = run_dir / "samples" / "default" / "samples.npz"
+    if npz.is_file():
+        images["Samples, one row per class (EMA weights)"] = class_grid(npz, run_dir / "report" / "samples.png")
+    if t2i and (npz.parent / "captions.txt").is_file():
+        from masc_llamagen.data.captions import CREDITS
+        from masc_llamagen.report import captioned_grid
+
+        images["Samples for held-out captions (EMA weights)"] = captioned_grid(
+            npz.parent, run_dir / "report" / "samples_captioned.png", credit=CREDITS)
+    metrics_json = npz.with_name("metrics.json")
+    sections = {"Run": {"name": cfg.name, "model": cfg.model.arch, "head": cfg.head.name, "k": cfg.head.k,
+                        "steps": cfg.train.steps, "global batch": cfg.train.global_batch_size,
+                        "run dir": str(run_dir)}}
+    tok_report = Path(str(cfg.tokenizer.checkpoint) + ".json")
+    if tok_report.is_file():
+        tr = json.loads(tok_report.read_text())
+        sections["Tokenizer"] = {k: tr[k] for k in ("psnr", "ssim", "rfid", "codebook_usage", "perplexity",
+                                                     "steps", "wall_time_s") if k in tr}
+    if metrics_json.is_file():
+        m = json.loads(metrics_json.read_text())
+        sections["Sample quality"] = {k: m[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall",
+                                                        "n_generated", "n_reference") if k in m}
+        if m.get("heldout"):
+            sections["Held-out likelihood (bits per token; entropy_norm: H / log V)"] = m["heldout"]
+    if rows:
+        last = rows[-1]
+        sections["Final training metrics"] = {k.split("/")[-1]: v for k, v in last.items() if k != "step"}
+    sections["Stage wall times (s)"] = dict(job.timings)
+    notes = [f"Data: {cfg.data.name}."]
+    if "twemoji" in str(cfg.data.name):
+        from masc_llamagen.data.captions import CREDITS
+
+        notes.append(CREDITS)
+        notes.append("Caption features: " + ("wordllama's static token embeddings (contextless, not a T5)"
+                                             if cfg.text.encoder == "wordllama" else cfg.text.encoder))
+    else:
+        notes.append("Fashion-MNIST is MIT-licensed (Zalando Research).")
+    return str(write_report(run_dir / "report" / "README.md", sections, images, notes))
+
+
+STAGE_FUNCTIONS = {"tokenizer": stage_tokenizer, "codes": stage_codes, "text": stage_text, "tree": stage_tree,
+                   "train": stage_train, "sample": stage_sample, "eval": stage_eval, "report": stage_report}
+
+
 def run(overrides: list[str], stages: Sequence[str] = STAGES, force: Sequence[str] = (), samples: int = 1000,
         fid_reference: int = 1000, vq_overrides: Sequence[str] | Mapping[str, Any] = (),
         rfid_images: int = 500) -> dict:
@@ -140,228 +369,19 @@ def run(overrides: list[str], stages: Sequence[str] = STAGES, force: Sequence[st
         bad = [s for s in names if s not in STAGES]
         if bad:
             raise ConfigError(f"pipeline.{key}: unknown stage(s) {', '.join(bad)}; choose from [{','.join(STAGES)}]")
-    cfg = compose_train(overrides)
-    artifacts, run_dir = Path(cfg.paths.artifacts), Path(cfg.paths.output_dir)
-    t2i = cfg.model.model_type == "t2i"
-    if t2i and cfg.data.name == "twemoji":
-        _fetch_emoji(Path(cfg.data.root))
-    results: dict = {"timings_s": {}}
+    job = Job(compose_train(overrides), samples, fid_reference, vq_overrides, rfid_images)
+    if job.t2i and job.cfg.data.name == "twemoji":
+        _fetch_emoji(Path(job.cfg.data.root))
+    results: dict = {"timings_s": job.timings}
     t_all = time.perf_counter()
-
-    def timed(stage, fn):
-        if stage not in stages:
-            return None
-        t0 = time.perf_counter()
-        out = fn(stage in force)
-        results["timings_s"][stage] = round(time.perf_counter() - t0, 1)
-        return out
-
-    # 1. tokenizer -------------------------------------------------------------------------------------------
-    def tokenizer(force_it):
-        from masc_llamagen.eval.metrics import compute_metrics
-        from masc_llamagen.train.tokenizer import train_tokenizer
-
-        data = ({"data": {"name": cfg.data.name, "root": cfg.data.root, "image_size": cfg.data.image_size}}
-                if t2i else {})  # c2i: the tokenizer config's own data (Fashion-MNIST)
-        extra = (OmegaConf.create(dict(vq_overrides)) if isinstance(vq_overrides, Mapping)
-                 else OmegaConf.from_dotlist(list(vq_overrides)))
-        vq_cfg = OmegaConf.merge(OmegaConf.create({"out": str(cfg.tokenizer.checkpoint), "force": force_it,
-                                                   "rfid_images": rfid_images, **data}), extra)
-        rep = train_tokenizer(vq_cfg, rfid=compute_metrics)  # the report carries rFID, as before the rewrite
-        _log("tokenizer", f"{cfg.tokenizer.checkpoint} (PSNR {rep.get('psnr')}, usage {rep.get('codebook_usage')})")
-        return rep
-
-    results["tokenizer"] = timed("tokenizer", tokenizer)
-
-    # 2. codes -----------------------------------------------------------------------------------------------
-    def codes(force_it):
-        from masc_llamagen.data.extract import extract_codes
-        from masc_llamagen.weights import load_vq
-
-        out = Path(cfg.data.codes)
-        stamp = Stamp(out, codes_inputs(cfg))
-        if stamp.fresh() and not force_it:
-            _log("codes", f"up to date: {out}")
-            return stamp.summary()
-        vq = load_vq(cfg.tokenizer.checkpoint, cfg.tokenizer.arch)
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        spec = {"name": cfg.data.name, "split": "train", "image_size": cfg.data.image_size, "root": cfg.data.root}
-        extract_codes(vq, {**spec, "task": "t2i"} if t2i else spec, out, tokenizer_path=cfg.tokenizer.checkpoint)
-        summary = {"codes": str(out)}
-        stamp.write(summary)
-        return summary
-
-    results["codes"] = timed("codes", codes)
-
-    # 2b. caption features (t2i) -------------------------------------------------------------------------------
-    def text(force_it):
-        from masc_llamagen.data.captions import heldout_captions
-        from masc_llamagen.data.codes import CodeDataset
-        from masc_llamagen.text import build_text_encoder, extract_text_features
-
-        enc = build_text_encoder(cfg.text.encoder, cfg.text.path, max_length=cfg.model.cls_token_num or 120)
-        train_captions = CodeDataset(cfg.data.codes).captions
-        held = heldout_captions(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
-        for captions, out in ((train_captions, cfg.text.features), (held, cfg.text.heldout_features)):
-            extract_text_features(enc, captions, out, overwrite=force_it)  # skipped when already done
-        _log("text", f"{len(train_captions)} + {len(held)} captions with {enc.name} -> {cfg.text.features}")
-        return {"encoder": enc.name, "train": len(train_captions), "heldout": len(held)}
-
-    if t2i:
-        results["text"] = timed("text", text)
-
-    # 3. tree ------------------------------------------------------------------------------------------------
-    def tree(force_it):
-        from masc_llamagen.data.codes import CodeDataset
-        from masc_llamagen.masc.members import size_summary
-        from masc_llamagen.masc.vocabulary import vocabulary_from_config
-        from masc_llamagen.train.build import tokenizer_codebook
-
-        codebook = tokenizer_codebook(cfg)
-        voc, info = vocabulary_from_config(cfg.head, codebook, CodeDataset(cfg.data.codes).code_counts(),
-                                           artifacts / "trees")
-        stats = size_summary(voc.sizes().numpy())
-        _log("tree", f"head={voc.name} k={voc.k}: {stats}")
-        return {**info, "sizes": stats}
-
-    results["tree"] = timed("tree", tree)
-
-    # 4. train -----------------------------------------------------------------------------------------------
-    def train_stage(force_it):
-        from masc_llamagen.train.loop import train
-
-        with open_dict(cfg):
-            cfg.train.resume = not force_it
-        out = train(cfg)
-        return {k: out[k] for k in ("step", "checkpoint", "run_dir")} | {"final_loss": out["losses"][-1]
-                                                                         if out["losses"] else None}
-
-    results["train"] = timed("train", train_stage)
-
-    # 5. sample ----------------------------------------------------------------------------------------------
-    from masc_llamagen.train.checkpointing import latest_checkpoint
-
-    def sample_stage(force_it):
-        from masc_llamagen.sample import sample
-        from masc_llamagen.sample_config import SampleConfig
-
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
-        if ckpt is None:
-            raise TrainingError(f"no checkpoint in {run_dir}; run the train stage first (add train to pipeline.stages)")
-        out_dir = run_dir / "samples" / "default"
-        stamp = Stamp(out_dir / ("images" if t2i else "samples.npz"),
-                      {"ckpt": _file_id(ckpt), "n": samples, "cfg": cfg.train.sample_cfg_scale})
-        if stamp.fresh() and not force_it:
-            _log("sample", f"up to date: {out_dir}")
-            return stamp.summary()
-        extra = {"png": False}
-        if t2i:  # one image per held-out caption (its images are the FID reference)
-            from masc_llamagen.data.captions import heldout_captions
-
-            prompts = out_dir.parent / "heldout_prompts.txt"
-            prompts.parent.mkdir(parents=True, exist_ok=True)
-            held = heldout_captions(cfg.data.name, root=cfg.data.root, image_size=cfg.data.image_size)
-            prompts.write_text("".join(c + "\n" for c in held))
-            extra = {"prompts": str(prompts)}
-        res = sample(SampleConfig(checkpoint=str(ckpt), num_samples=samples, cfg_scale=cfg.train.sample_cfg_scale,
-                                  out_dir=str(out_dir), batch_size=100, **extra))
-        summary = {"npz" if not t2i else "images": res.get("npz") or res.get("images"), "checkpoint": str(ckpt),
-                   "num_samples": res["num_samples"]}
-        stamp.write(summary)
-        return summary
-
-    results["sample"] = timed("sample", sample_stage)
-
-    # 6. eval ------------------------------------------------------------------------------------------------
-    def eval_stage(force_it):
-        """Sample quality of the sampled set and (c2i) held-out likelihood of its checkpoint, by the one
-        evaluation that training and the benchmarks use."""
-        from masc_llamagen.checkpoint import load_for_sampling
-        from masc_llamagen.data.images import heldout_split
-        from masc_llamagen.eval.metrics import write_metrics_json
-        from masc_llamagen.eval.model_eval import HeldoutCodes, evaluate_model
-
-        npz = run_dir / "samples" / "default" / ("images" if t2i else "samples.npz")
-        out = npz.with_name("metrics.json")
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
-        if ckpt is None:
-            raise TrainingError(f"no checkpoint in {run_dir}; run the train stage first (add train to pipeline.stages)")
-        heldout_n = 0 if t2i else cfg.train.eval_heldout
-        stamp = Stamp(out, {"npz": _file_id(npz), "ref": fid_reference, "ckpt": _file_id(ckpt),
-                            "heldout": heldout_n})
-        if stamp.fresh() and not force_it:
-            _log("eval", f"up to date: {out}")
-            return json.loads(out.read_text())
-        loaded = load_for_sampling(ckpt, decoder=cfg.head.decoder, smoothing=cfg.head.smoothing)
-        heldout = HeldoutCodes.encode(loaded.vq, cfg.data.name, heldout_n, image_size=cfg.data.image_size,
-                                      cache_dir=artifacts / "heldout") if heldout_n else None
-        m = evaluate_model(loaded.model, {cfg.head.decoder: loaded.vocabulary}, heldout=heldout, images=npz,
-                           reference=cfg.data.name, reference_split=heldout_split(cfg.data.name),
-                           reference_image_size=cfg.data.image_size, reference_limit=fid_reference,
-                           reference_root=cfg.data.root if t2i else None, cache_dir=artifacts / "fid")
-        write_metrics_json(m, out)
-        stamp.write({"metrics": str(out)})
-        nll = f", held-out fine NLL {m['heldout'][f'fine_nll_{cfg.head.decoder}']:.3f} bits" if heldout else ""
-        _log("eval", f"FID {m['fid']:.2f} ({m.get('n_generated')} vs {m.get('n_reference')} images){nll}")
-        return m
-
-    results["eval"] = timed("eval", eval_stage)
-
-    # 7. report ----------------------------------------------------------------------------------------------
-    def report_stage(force_it):
-        from masc_llamagen.report import class_grid, plot_curves, read_metrics, write_report
-
-        rows = read_metrics(run_dir)
-        images = {}
-        curves = plot_curves(rows, run_dir / "report" / "curves.png")
-        if curves:
-            images["Training curves"] = curves
-        npz = run_dir / "samples" / "default" / "samples.npz"
-        if npz.is_file():
-            images["Samples, one row per class (EMA weights)"] = class_grid(npz, run_dir / "report" / "samples.png")
-        if t2i and (npz.parent / "captions.txt").is_file():
-            from masc_llamagen.data.captions import CREDITS
-            from masc_llamagen.report import captioned_grid
-
-            images["Samples for held-out captions (EMA weights)"] = captioned_grid(
-                npz.parent, run_dir / "report" / "samples_captioned.png", credit=CREDITS)
-        metrics_json = npz.with_name("metrics.json")
-        sections = {"Run": {"name": cfg.name, "model": cfg.model.arch, "head": cfg.head.name, "k": cfg.head.k,
-                            "steps": cfg.train.steps, "global batch": cfg.train.global_batch_size,
-                            "run dir": str(run_dir)}}
-        tok_report = Path(str(cfg.tokenizer.checkpoint) + ".json")
-        if tok_report.is_file():
-            tr = json.loads(tok_report.read_text())
-            sections["Tokenizer"] = {k: tr[k] for k in ("psnr", "ssim", "rfid", "codebook_usage", "perplexity",
-                                                         "steps", "wall_time_s") if k in tr}
-        if metrics_json.is_file():
-            m = json.loads(metrics_json.read_text())
-            sections["Sample quality"] = {k: m[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall",
-                                                            "n_generated", "n_reference") if k in m}
-            if m.get("heldout"):
-                sections["Held-out likelihood (bits per token; entropy_norm: H / log V)"] = m["heldout"]
-        if rows:
-            last = rows[-1]
-            sections["Final training metrics"] = {k.split("/")[-1]: v for k, v in last.items() if k != "step"}
-        sections["Stage wall times (s)"] = dict(results["timings_s"])
-        notes = [f"Data: {cfg.data.name}."]
-        if "twemoji" in str(cfg.data.name):
-            from masc_llamagen.data.captions import CREDITS
-
-            notes.append(CREDITS)
-            notes.append("Caption features: " + ("wordllama's static token embeddings (contextless, not a T5)"
-                                                 if cfg.text.encoder == "wordllama" else cfg.text.encoder))
-        else:
-            notes.append("Fashion-MNIST is MIT-licensed (Zalando Research).")
-        return str(write_report(run_dir / "report" / "README.md", sections, images, notes))
-
-    results["report"] = timed("report", report_stage)
+    for stage in STAGES:
+        if stage in stages and (stage != "text" or job.t2i):
+            t0 = time.perf_counter()
+            results[stage] = STAGE_FUNCTIONS[stage](job, stage in force)
+            job.timings[stage] = round(time.perf_counter() - t0, 1)
     results["total_s"] = round(time.perf_counter() - t_all, 1)
-    (run_dir).mkdir(parents=True, exist_ok=True)
-    merge_record(run_dir / "pipeline.json", results)
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    merge_record(job.run_dir / "pipeline.json", results)
     _log("done", f"{results['total_s']} s; report: {results.get('report')}")
     return results
 
