@@ -501,15 +501,15 @@ def coarse_mappings(plan: Plan, tokenizer: str, root: Path) -> dict:
     """label -> (N,) mapping of every coarse arm on this tokenizer (built once, cached under artifacts/trees)."""
     from masc_llamagen.data.codes import CodeDataset
     from masc_llamagen.masc.vocabulary import vocabulary_from_config
-    from masc_llamagen.train.build import tokenizer_codebook
+    from masc_llamagen.weights import read_codebook
 
     out = {}
     for arm in plan.arms:
         if arm.tokenizer != tokenizer or arm.head == "flat" or arm.label in out:
             continue
         cfg = compose(train_overrides(plan, arm, 0, root), root / "scratch")
-        voc, _ = vocabulary_from_config(cfg.head, tokenizer_codebook(cfg), CodeDataset(cfg.data.codes).code_counts(),
-                                        Path(cfg.paths.artifacts) / "trees")
+        voc, _ = vocabulary_from_config(cfg.head, read_codebook(cfg.tokenizer.checkpoint),
+                                        CodeDataset(cfg.data.codes).code_counts(), Path(cfg.paths.artifacts) / "trees")
         out[arm.label] = voc.mapping
     return out
 

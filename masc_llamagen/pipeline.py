@@ -217,10 +217,10 @@ def stage_tree(job: Job, force_it: bool):
     from masc_llamagen.data.codes import CodeDataset
     from masc_llamagen.masc.members import size_summary
     from masc_llamagen.masc.vocabulary import vocabulary_from_config
-    from masc_llamagen.train.build import tokenizer_codebook
+    from masc_llamagen.weights import read_codebook
 
     cfg, artifacts = job.cfg, job.artifacts
-    codebook = tokenizer_codebook(cfg)
+    codebook = read_codebook(cfg.tokenizer.checkpoint)
     voc, info = vocabulary_from_config(cfg.head, codebook, CodeDataset(cfg.data.codes).code_counts(),
                                        artifacts / "trees")
     stats = size_summary(voc.sizes().numpy())

@@ -101,6 +101,7 @@ def sample_checkpoint(checkpoint: Path, job: EvalJob) -> Path:
 def heldout_likelihood(checkpoint: Path, job: EvalJob) -> dict:
     """The checkpoint's held-out likelihood on its run's dataset (EMA weights, the run's member decoder)."""
     from masc_llamagen.checkpoint import load_for_sampling
+    from masc_llamagen.eval.inception import cache_root
     from masc_llamagen.eval.model_eval import HeldoutCodes
     from masc_llamagen.utils.devices import pick_device
     from masc_llamagen.weights import CheckpointError
@@ -113,11 +114,8 @@ def heldout_likelihood(checkpoint: Path, job: EvalJob) -> dict:
     if loaded.model_config.model_type != "c2i" or not data.get("name"):
         raise ConfigError("heldout=N is for class-conditional checkpoints that record their dataset; drop it")
     device = pick_device(job.device)
-    from masc_llamagen.eval.inception import cache_root
-
-    cache = cache_root(job.cache_dir) / "heldout"
     codes = HeldoutCodes.encode(loaded.vq.to(device), data["name"], job.heldout, image_size=data.get("image_size"),
-                                root=data.get("root"), cache_dir=cache)
+                                root=data.get("root"), cache_dir=cache_root(job.cache_dir) / "heldout")
     return evaluate_model(loaded.model.to(device), {head.get("decoder", "uniform"): loaded.vocabulary},
                           heldout=codes)
 

@@ -82,7 +82,8 @@ def evaluate_model(model: torch.nn.Module | None = None, vocabs: Mapping[str, Vo
         classes = model.config.num_classes
         if len(heldout.labels) and int(heldout.labels.max()) >= classes:
             raise EvalError(f"held-out images have class ids up to {int(heldout.labels.max())} but the model has "
-                            f"{classes} classes: its codes come from another dataset; set train.eval_heldout=0")
+                            f"{classes} classes: its codes come from another dataset; drop the held-out evaluation "
+                            "(train.eval_heldout=0 in training, heldout=0 for scripts/eval.sh)")
         out["heldout"] = heldout_diagnostics(model, vocabs, heldout.codes, heldout.labels, mappings)
     if images is not None:
         if fid_features is not None:

@@ -56,10 +56,6 @@ def load_codes(cfg: DictConfig):
     return CodeDataset(cfg.data.codes, augment=cfg.data.augment, seed=cfg.train.seed)
 
 
-def tokenizer_codebook(cfg: DictConfig) -> np.ndarray:
-    return read_codebook(cfg.tokenizer.checkpoint)
-
-
 def check_codes_match_tokenizer(cfg: DictConfig, codes, codebook: np.ndarray) -> TokenizerRecord:
     """The codes were extracted with this tokenizer (its codebook's fingerprint), or training would learn noise."""
     from masc_llamagen.masc.tree import codebook_sha256
@@ -212,7 +208,7 @@ def build_run(cfg: DictConfig, acc: Accelerator, run_dir: Path, ck: TrainingChec
     t = cfg.train
     set_seed(t.seed + acc.process_index)
     codes = load_codes(cfg)
-    codebook = tokenizer_codebook(cfg)
+    codebook = read_codebook(cfg.tokenizer.checkpoint)
     tokenizer = check_codes_match_tokenizer(cfg, codes, codebook)
     counts = codes.code_counts()
     vocab, head_info, compare_mapping = build_vocabulary(cfg, acc, codebook, counts)

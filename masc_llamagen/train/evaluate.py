@@ -31,6 +31,7 @@ class TrainingSampler:
         self.compare = {"masc": compare_mapping} if compare_mapping is not None else None
         self._vq = None
         self._heldout = None  # t2i: the held-out captions' features, opened on first use
+        self._heldout_codes: HeldoutCodes | None = None  # c2i with train.eval_heldout: encoded (or read) once
         self._encoder = None  # t2i with train.eval_prompts: the run's text encoder, built on first use
         self.fid_curve: list[tuple[float, float]] = []
         if resumed_at and (run_dir / "metrics.jsonl").is_file():
@@ -125,13 +126,13 @@ class TrainingSampler:
             return self._with_acceleration(step, {**self.prompt_fid(model, step), "eval/wall_clock_s": wall_s})
         labels, mask = self.conditions(raw.config, t.eval_samples)
         arr = self.images(model, labels, seed=10_000 + step, caption_mask=mask)
-        heldout = None
-        if t.eval_heldout and raw.config.model_type == "c2i":
-            heldout = HeldoutCodes.encode(self.vq.to(model.output.weight.device), self.cfg.data.name, t.eval_heldout,
-                                          image_size=self.cfg.data.image_size, root=self.cfg.data.root,
-                                          cache_dir=Path(self.cfg.paths.artifacts) / "heldout")
+        if t.eval_heldout and raw.config.model_type == "c2i" and self._heldout_codes is None:
+            self._heldout_codes = HeldoutCodes.encode(
+                self.vq.to(model.output.weight.device), self.cfg.data.name, t.eval_heldout,
+                image_size=self.cfg.data.image_size, root=self.cfg.data.root,
+                cache_dir=Path(self.cfg.paths.artifacts) / "heldout")
         result = evaluate_model(
-            model, {self.cfg.head.decoder: self.vocab}, heldout=heldout, mappings=self.compare, images=arr,
+            model, {self.cfg.head.decoder: self.vocab}, heldout=self._heldout_codes, mappings=self.compare, images=arr,
             reference=self.cfg.data.name, reference_split=heldout_split(self.cfg.data.name),
             reference_image_size=self.cfg.data.image_size, reference_root=self.cfg.data.root,
             reference_limit=t.eval_reference, cache_dir=Path(self.cfg.paths.artifacts) / "fid",
